@@ -1,0 +1,131 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Gpu(_message.Message):
+    __slots__ = ("index", "uuid", "name", "pci_bus_id", "pci_device_id", "memory_mib", "minor_number", "numa_node", "health", "health_reason", "mig_mode", "nvlink_peers")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PCI_BUS_ID_FIELD_NUMBER: _ClassVar[int]
+    PCI_DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    MINOR_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    NUMA_NODE_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_REASON_FIELD_NUMBER: _ClassVar[int]
+    MIG_MODE_FIELD_NUMBER: _ClassVar[int]
+    NVLINK_PEERS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str
+    pci_device_id: str
+    memory_mib: int
+    minor_number: int
+    numa_node: int
+    health: str
+    health_reason: str
+    mig_mode: str
+    nvlink_peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., pci_device_id: _Optional[str] = ..., memory_mib: _Optional[int] = ..., minor_number: _Optional[int] = ..., numa_node: _Optional[int] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., mig_mode: _Optional[str] = ..., nvlink_peers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Plugin(_message.Message):
+    __slots__ = ("resource", "socket", "registered", "devices", "healthy", "error")
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    resource: str
+    socket: str
+    registered: bool
+    devices: int
+    healthy: int
+    error: str
+    def __init__(self, resource: _Optional[str] = ..., socket: _Optional[str] = ..., registered: _Optional[bool] = ..., devices: _Optional[int] = ..., healthy: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("version", "backend", "driver_version", "cuda_version", "backend_error", "kubelet_dir", "kubelet_connected", "gpus", "plugins", "config_file", "uptime_s")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CUDA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_ERROR_FIELD_NUMBER: _ClassVar[int]
+    KUBELET_DIR_FIELD_NUMBER: _ClassVar[int]
+    KUBELET_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    PLUGINS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FILE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    backend: str
+    driver_version: str
+    cuda_version: str
+    backend_error: str
+    kubelet_dir: str
+    kubelet_connected: bool
+    gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
+    plugins: _containers.RepeatedCompositeFieldContainer[Plugin]
+    config_file: str
+    uptime_s: float
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., backend_error: _Optional[str] = ..., kubelet_dir: _Optional[str] = ..., kubelet_connected: _Optional[bool] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., plugins: _Optional[_Iterable[_Union[Plugin, _Mapping]]] = ..., config_file: _Optional[str] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+
+class SetDeviceHealthyRequest(_message.Message):
+    __slots__ = ("uuid",)
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    def __init__(self, uuid: _Optional[str] = ...) -> None: ...
+
+class SetDeviceHealthyResponse(_message.Message):
+    __slots__ = ("gpu",)
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    gpu: Gpu
+    def __init__(self, gpu: _Optional[_Union[Gpu, _Mapping]] = ...) -> None: ...
+
+class InjectXidRequest(_message.Message):
+    __slots__ = ("gpu_index", "xid")
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    XID_FIELD_NUMBER: _ClassVar[int]
+    gpu_index: int
+    xid: int
+    def __init__(self, gpu_index: _Optional[int] = ..., xid: _Optional[int] = ...) -> None: ...
+
+class InjectXidResponse(_message.Message):
+    __slots__ = ("uuid", "marked_unhealthy")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    MARKED_UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    marked_unhealthy: bool
+    def __init__(self, uuid: _Optional[str] = ..., marked_unhealthy: _Optional[bool] = ...) -> None: ...
+
+class InjectGpuLostRequest(_message.Message):
+    __slots__ = ("gpu_index",)
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    gpu_index: int
+    def __init__(self, gpu_index: _Optional[int] = ...) -> None: ...
+
+class InjectGpuLostResponse(_message.Message):
+    __slots__ = ("uuid",)
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    def __init__(self, uuid: _Optional[str] = ...) -> None: ...
+
+class ReloadConfigRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadConfigResponse(_message.Message):
+    __slots__ = ("config_file",)
+    CONFIG_FILE_FIELD_NUMBER: _ClassVar[int]
+    config_file: str
+    def __init__(self, config_file: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""gpud's configuration: ``/etc/gpud/gpud.yaml``, versioned, strict, every path overridable."""
