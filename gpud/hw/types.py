@@ -69,6 +69,8 @@ class GpuInfo:
     # PCIe switch the GPU hangs off, as an opaque group key; GPUs sharing one talk without
     # crossing the CPU. None when unknown.
     pcie_switch: str | None = None
+    # NVML answered GPU_IS_LOST for this board: it fell off the bus and needs a reset or reboot.
+    lost: bool = False
 
     @property
     def device_path(self) -> str:

@@ -1,0 +1,51 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.fakenvml import FakeNvml
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short scratch directory under /tmp.
+
+    Unix socket paths must fit in 108 bytes and pytest's tmp_path is often longer than that,
+    so everything that binds a socket (fake kubelet, plugins, gpud's control socket) lives here.
+    """
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="gpud-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_nvml() -> Iterator[Callable[[FakeNvml], FakeNvml]]:
+    """Install a fake ``libnvidia-ml`` under pynvml: ``fake = fake_nvml(dgx_a100())``.
+
+    pynvml is restored afterwards (no library, empty function cache), and any Python error raised
+    inside a fake NVML function (which ctypes would otherwise swallow) fails the test.
+    """
+    from tests.fakenvml import installed
+
+    stack = contextlib.ExitStack()
+    fakes: list[FakeNvml] = []
+
+    def install(fake: FakeNvml) -> FakeNvml:
+        fakes.append(stack.enter_context(installed(fake)))
+        return fake
+
+    with stack:
+        yield install
+    for fake in fakes:
+        assert not fake.internal_errors, f"fake NVML raised: {fake.internal_errors!r}"
