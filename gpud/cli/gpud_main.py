@@ -1,0 +1,108 @@
+"""``gpud``: runs the daemon in the foreground (systemd runs it the same way).
+
+Only argparse is imported before the command is known; the daemon's imports come after, so
+``gpud --help`` is instant and ``gpud run`` pays for exactly what it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gpud import __version__
+from gpud.cli.validate import EXIT_FAILED, EXIT_INVALID, validate_config
+
+DESCRIPTION = """\
+gpud makes an NVIDIA GPU node usable by Kubernetes: it advertises the node's GPUs to kubelet as a
+device plugin, tracks their health from NVML events, and answers gpudctl on a unix socket.
+"""
+
+EPILOG = """\
+examples:
+  gpud run                                  run with /etc/gpud/gpud.yaml on the real GPUs
+  gpud run --simulate dgx-a100 --kubelet-dir /tmp/kubelet --state-dir /tmp/gpud \\
+           --socket /tmp/gpud.sock          a simulated 8 x A100 node, no GPU needed
+  gpud config validate /etc/gpud/gpud.yaml  check a config file before installing it
+
+simulated machines: dgx-a100, dgx-h100, a30x4, l4x2, t4x1, or MODEL:COUNT (e.g. h100-80gb:4)
+exit status: 0 success, 1 failure, 2 invalid input (bad flags or config)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpud",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"gpud {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground until SIGTERM")
+    run.add_argument("--config", type=Path, help="config file (default /etc/gpud/gpud.yaml)")
+    run.add_argument("--simulate", metavar="MACHINE", help="use a simulated GPU machine")
+    run.add_argument("--backend", choices=["auto", "nvml", "sim"], help="hardware backend")
+    run.add_argument("--kubelet-dir", type=Path, help="kubelet's device-plugin directory")
+    run.add_argument("--state-dir", type=Path, help="where gpud keeps state (/var/lib/gpud)")
+    run.add_argument("--socket", type=Path, help="control socket (/run/gpud/gpud.sock)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    config = sub.add_parser("config", help="work with config files")
+    csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    validate = csub.add_parser("validate", help="check a config file; exit 2 if invalid")
+    validate.add_argument("file")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gpud.config.load import ConfigError
+    from gpud.config.models import BackendKind
+    from gpud.daemon import logs
+    from gpud.daemon.daemon import Daemon
+    from gpud.daemon.gateway import SocketInUse
+    from gpud.daemon.settings import Overrides, resolve
+    from gpud.hw.select import make_backend
+
+    overrides = Overrides(
+        simulate=args.simulate,
+        backend=BackendKind(args.backend) if args.backend else None,
+        kubelet_dir=args.kubelet_dir,
+        state_dir=args.state_dir,
+        socket=args.socket,
+        log_level=args.log_level,
+    )
+    try:
+        settings = resolve(args.config, overrides)
+    except ConfigError as exc:
+        print(f"gpud: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    cfg = settings.config
+    logs.setup(cfg.log.level)
+    try:
+        backend = make_backend(cfg.backend, cfg.simulate, cfg.paths.state_dir)
+    except ValueError as exc:
+        print(f"gpud: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        return asyncio.run(Daemon(settings, backend).run())
+    except SocketInUse as exc:
+        print(f"gpud: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except PermissionError as exc:
+        print(f"gpud: {exc}; gpud needs root to reach the GPUs and kubelet", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return validate_config(args.file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Rendering gpudctl's answers: plain data for json/yaml, aligned tables for people.
+
+The data form is the contract scripts rely on (``gpudctl status -o json``); tables are derived
+from it, so both always say the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from gpud._proto.gpud.v1 import gpud_pb2
+
+FORMATS = ("table", "json", "yaml")
+
+
+def gpu_dict(gpu: gpud_pb2.Gpu) -> dict[str, Any]:
+    return {
+        "index": gpu.index,
+        "uuid": gpu.uuid,
+        "name": gpu.name,
+        "pci_bus_id": gpu.pci_bus_id,
+        "pci_device_id": gpu.pci_device_id,
+        "memory_mib": gpu.memory_mib,
+        "minor_number": gpu.minor_number,
+        "numa_node": None if gpu.numa_node < 0 else gpu.numa_node,
+        "health": gpu.health,
+        "health_reason": gpu.health_reason,
+        "mig_mode": gpu.mig_mode,
+        "nvlink_peers": list(gpu.nvlink_peers),
+    }
+
+
+def status_dict(st: gpud_pb2.Status) -> dict[str, Any]:
+    return {
+        "version": st.version,
+        "backend": st.backend,
+        "backend_error": st.backend_error,
+        "driver_version": st.driver_version,
+        "cuda_version": st.cuda_version,
+        "config_file": st.config_file,
+        "kubelet_dir": st.kubelet_dir,
+        "kubelet_connected": st.kubelet_connected,
+        "uptime_s": round(st.uptime_s, 1),
+        "gpus": [gpu_dict(g) for g in st.gpus],
+        "plugins": [
+            {
+                "resource": p.resource,
+                "socket": p.socket,
+                "registered": p.registered,
+                "devices": p.devices,
+                "healthy": p.healthy,
+                "error": p.error,
+            }
+            for p in st.plugins
+        ],
+    }
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [list(headers)] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def gpu_table(gpus: Sequence[dict[str, Any]]) -> str:
+    if not gpus:
+        return "no GPUs"
+    return table(
+        ["GPU", "UUID", "NAME", "MEMORY", "NUMA", "MIG", "HEALTH"],
+        [
+            [
+                g["index"],
+                g["uuid"],
+                g["name"],
+                f"{g['memory_mib']} MiB",
+                g["numa_node"],
+                g["mig_mode"],
+                g["health"] + (f" ({g['health_reason']})" if g["health_reason"] else ""),
+            ]
+            for g in gpus
+        ],
+    )
+
+
+def status_table(st: dict[str, Any]) -> str:
+    lines = [f"gpud {st['version']}, backend {st['backend']}, up {st['uptime_s']:.0f}s"]
+    if st["backend_error"]:
+        lines.append(f"backend error: {st['backend_error']}")
+    else:
+        lines.append(f"driver {st['driver_version']}, CUDA {st['cuda_version']}")
+    kubelet = "kubelet.sock present" if st["kubelet_connected"] else "no kubelet.sock"
+    lines.append(f"kubelet: {st['kubelet_dir']} ({kubelet})")
+    lines.append(f"config: {st['config_file'] or 'built-in defaults'}")
+    lines += ["", gpu_table(st["gpus"]), ""]
+    if st["plugins"]:
+        lines.append(
+            table(
+                ["RESOURCE", "SOCKET", "REGISTERED", "DEVICES", "HEALTHY", "ERROR"],
+                [
+                    [
+                        p["resource"],
+                        p["socket"],
+                        "yes" if p["registered"] else "no",
+                        p["devices"],
+                        p["healthy"],
+                        p["error"] or "",
+                    ]
+                    for p in st["plugins"]
+                ],
+            )
+        )
+    else:
+        lines.append("no device plugins running")
+    return "\n".join(lines)
+
+
+def render(data: object, fmt: str, as_table: str) -> str:
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    if fmt == "yaml":
+        return yaml.safe_dump(data, sort_keys=False).rstrip()
+    return as_table

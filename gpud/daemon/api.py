@@ -1,0 +1,174 @@
+"""gpud's control API (``gpud.v1.Gpud``), what ``gpudctl`` talks to.
+
+Reads are open to anyone who can connect to the socket (root and the socket's group); calls that
+change the node need uid 0, checked against the kernel's view of the caller (see
+:mod:`gpud.daemon.gateway`), and fail with PERMISSION_DENIED otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NoReturn
+
+import grpc
+
+from gpud import __version__
+from gpud._proto.gpud.v1 import gpud_pb2, gpud_pb2_grpc
+from gpud.config.load import ConfigError
+from gpud.daemon.gateway import Gateway, peer_uid
+from gpud.health import unhealthy_reason
+from gpud.hw.backend import FaultInjector
+from gpud.hw.errors import ErrorKind, HwError
+from gpud.hw.types import GpuInfo
+
+if TYPE_CHECKING:
+    from gpud.daemon.daemon import Daemon
+
+
+async def _deny(context: grpc.aio.ServicerContext, what: str) -> NoReturn:
+    await context.abort(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"{what} changes the node and needs root: run it again with sudo",
+    )
+
+
+async def _require_root(context: grpc.aio.ServicerContext, what: str) -> None:
+    if peer_uid(context.peer()) != 0:
+        await _deny(context, what)
+
+
+class ControlServicer(gpud_pb2_grpc.GpudServicer):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def _gpu(self, gpu: GpuInfo) -> gpud_pb2.Gpu:
+        reason = self.daemon.reasons.get(gpu.uuid, "")
+        if gpu.lost and not reason:
+            reason = "GPU lost"
+        return gpud_pb2.Gpu(
+            index=gpu.index,
+            uuid=gpu.uuid,
+            name=gpu.name,
+            pci_bus_id=gpu.pci_bus_id,
+            pci_device_id=gpu.pci_device_id_hex,
+            memory_mib=gpu.memory_mib,
+            minor_number=gpu.minor_number,
+            numa_node=-1 if gpu.numa_node is None else gpu.numa_node,
+            health="Unhealthy" if reason else "Healthy",
+            health_reason=reason,
+            mig_mode=gpu.mig.describe(),
+            nvlink_peers=[p.uuid for p in gpu.nvlink_peers],
+        )
+
+    async def GetStatus(
+        self, request: gpud_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> gpud_pb2.Status:
+        d = self.daemon
+        return gpud_pb2.Status(
+            version=__version__,
+            backend=d.backend.name,
+            driver_version=d.system.driver_version,
+            cuda_version=d.system.cuda_version,
+            backend_error=d.backend_error,
+            kubelet_dir=str(d.settings.kubelet_dir),
+            kubelet_connected=d.manager.kubelet_present(),
+            gpus=[self._gpu(g) for g in d.gpus],
+            plugins=[
+                gpud_pb2.Plugin(
+                    resource=p.resource,
+                    socket=p.socket,
+                    registered=p.registered,
+                    devices=p.devices,
+                    healthy=p.healthy,
+                    error=p.error,
+                )
+                for p in d.plugin_statuses()
+            ],
+            config_file=str(d.settings.config_file or ""),
+            uptime_s=d.uptime(),
+        )
+
+    async def SetDeviceHealthy(
+        self, request: gpud_pb2.SetDeviceHealthyRequest, context: grpc.aio.ServicerContext
+    ) -> gpud_pb2.SetDeviceHealthyResponse:
+        await _require_root(context, "device set-healthy")
+        try:
+            gpu = await self.daemon.set_healthy(request.uuid)
+        except KeyError:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no GPU with UUID {request.uuid!r} on this node; 'gpudctl devices' lists them",
+            )
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return gpud_pb2.SetDeviceHealthyResponse(gpu=self._gpu(gpu))
+
+    def _injector(self) -> FaultInjector | None:
+        backend = self.daemon.backend
+        return backend if isinstance(backend, FaultInjector) else None
+
+    async def _no_injector(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"fault injection needs the simulated backend (gpud run --simulate MACHINE); "
+            f"this gpud runs the {self.daemon.backend.name} backend",
+        )
+
+    async def _hw_error(self, context: grpc.aio.ServicerContext, exc: HwError) -> NoReturn:
+        code = (
+            grpc.StatusCode.INVALID_ARGUMENT
+            if exc.kind is ErrorKind.INVALID_ARGUMENT
+            else grpc.StatusCode.FAILED_PRECONDITION
+        )
+        await context.abort(code, str(exc))
+
+    async def InjectXid(
+        self, request: gpud_pb2.InjectXidRequest, context: grpc.aio.ServicerContext
+    ) -> gpud_pb2.InjectXidResponse:
+        await _require_root(context, "debug inject-xid")
+        injector = self._injector()
+        if injector is None:
+            await self._no_injector(context)
+        try:
+            event = injector.inject_xid(request.gpu_index, request.xid)
+        except HwError as exc:
+            await self._hw_error(context, exc)
+        await self.daemon.reconcile()
+        return gpud_pb2.InjectXidResponse(
+            uuid=event.uuid,
+            marked_unhealthy=unhealthy_reason(event, self.daemon.policy) is not None,
+        )
+
+    async def InjectGpuLost(
+        self, request: gpud_pb2.InjectGpuLostRequest, context: grpc.aio.ServicerContext
+    ) -> gpud_pb2.InjectGpuLostResponse:
+        await _require_root(context, "debug inject-gpu-lost")
+        injector = self._injector()
+        if injector is None:
+            await self._no_injector(context)
+        try:
+            event = injector.inject_gpu_lost(request.gpu_index)
+        except HwError as exc:
+            await self._hw_error(context, exc)
+        await self.daemon.reconcile()
+        return gpud_pb2.InjectGpuLostResponse(uuid=event.uuid)
+
+    async def ReloadConfig(
+        self, request: gpud_pb2.ReloadConfigRequest, context: grpc.aio.ServicerContext
+    ) -> gpud_pb2.ReloadConfigResponse:
+        await _require_root(context, "config reload")
+        try:
+            path = await self.daemon.reload()
+        except ConfigError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return gpud_pb2.ReloadConfigResponse(config_file=str(path or ""))
+
+
+async def serve_api(daemon: Daemon, gateway: Gateway) -> grpc.aio.Server:
+    """Serve the control API behind ``gateway``; returns the running gRPC server."""
+    address = gateway.prepare()
+    server = grpc.aio.server()
+    gpud_pb2_grpc.add_GpudServicer_to_server(ControlServicer(daemon), server)
+    server.add_insecure_port(address)
+    await server.start()
+    await gateway.start()
+    return server

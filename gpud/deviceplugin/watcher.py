@@ -1,0 +1,98 @@
+"""Follows kubelet's device-plugin directory with inotify.
+
+kubelet signals its restart only through the file system: it deletes the sockets in the directory
+and creates ``kubelet.sock`` anew. Watching for that (instead of polling) is what lets gpud
+re-register within milliseconds and cost nothing while idle. If the directory does not exist yet
+(kubelet not installed or not started), the nearest existing parent is watched until it appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from asyncinotify import Inotify, Mask
+
+from gpud.deviceplugin.plugin import KUBELET_SOCKET
+
+log = logging.getLogger(__name__)
+
+_DIR_EVENTS = (
+    Mask.CREATE
+    | Mask.DELETE
+    | Mask.MOVED_TO
+    | Mask.MOVED_FROM
+    | Mask.DELETE_SELF
+    | Mask.MOVE_SELF
+    | Mask.ONLYDIR
+)
+_GONE = Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.IGNORED | Mask.UNMOUNT
+
+
+class KubeletDirWatcher:
+    def __init__(
+        self,
+        plugin_dir: Path,
+        kubelet_started: Callable[[], Awaitable[None]],
+        socket_removed: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.plugin_dir = plugin_dir
+        self._kubelet_started = kubelet_started
+        self._socket_removed = socket_removed
+        self.armed = asyncio.Event()
+
+    async def run(self) -> None:
+        first = True
+        while True:
+            if self.plugin_dir.is_dir():
+                await self._watch_dir(catch_up=not first)
+            else:
+                await self._wait_for_dir()
+            first = False
+
+    async def _watch_dir(self, catch_up: bool) -> None:
+        with Inotify() as inotify:
+            try:
+                inotify.add_watch(self.plugin_dir, _DIR_EVENTS)
+            except OSError as exc:
+                log.warning("cannot watch %s: %s", self.plugin_dir, exc)
+                await asyncio.sleep(1)
+                return
+            self.armed.set()
+            if catch_up:
+                # The directory came (back) while nobody watched it: what a new kubelet does.
+                await self._kubelet_started()
+            async for event in inotify:
+                if event.mask & _GONE:
+                    log.info("kubelet directory %s went away; waiting for it", self.plugin_dir)
+                    return
+                name = str(event.name) if event.name is not None else ""
+                if event.mask & (Mask.CREATE | Mask.MOVED_TO) and name == KUBELET_SOCKET:
+                    log.info("kubelet.sock created: kubelet (re)started; registering again")
+                    await self._kubelet_started()
+                elif event.mask & (Mask.DELETE | Mask.MOVED_FROM) and name.endswith(".sock"):
+                    await self._socket_removed(name)
+
+    async def _wait_for_dir(self) -> None:
+        parent = self.plugin_dir.parent
+        while not parent.is_dir():
+            parent = parent.parent
+        with Inotify() as inotify:
+            try:
+                inotify.add_watch(parent, Mask.CREATE | Mask.MOVED_TO | Mask.ONLYDIR | _GONE)
+            except OSError as exc:
+                log.warning("cannot watch %s: %s", parent, exc)
+                await asyncio.sleep(1)
+                return
+            self.armed.set()
+            log.info("waiting for %s to appear (watching %s)", self.plugin_dir, parent)
+            if self.plugin_dir.is_dir() or not parent.is_dir():
+                return
+            async for event in inotify:
+                if event.mask & _GONE or self.plugin_dir.is_dir():
+                    return
+                if event.name is not None and (parent / event.name).is_dir():
+                    # A step of the path appeared; watch one level deeper.
+                    return

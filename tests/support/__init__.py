@@ -1,0 +1,1 @@
+"""Test harnesses shared by gpud's integration tests and benchmarks."""
