@@ -388,3 +388,86 @@ def test_bad_simulate_spec_and_bad_config_exit_2(short_tmp: Path) -> None:
     )
     assert bad_cfg.returncode == 2
     assert "devicePlugin.deviceListStrategy[1]" in bad_cfg.stderr
+
+
+def test_bad_injection_targets_are_invalid_input(node: Node) -> None:
+    for args, needle in (
+        (("--gpu", "99", "--xid", "79"), "99"),
+        (("--gpu", "0", "--xid", "0"), "xid"),
+    ):
+        out = node.gpudctl("debug", "inject-xid", *args)
+        assert out.returncode == 2, out.stdout
+        assert needle in out.stderr.lower()
+    assert all(g.health == "Healthy" for g in node.gpud.status().gpus)
+
+
+def test_malformed_kubelet_requests_get_invalid_argument(node: Node) -> None:
+    from gpud._proto.deviceplugin.v1beta1 import api_pb2
+
+    node.kubelet.wait_devices(GPU, lambda d: len(d) == 8)
+    uuids = node.uuids()
+    stub = node.kubelet.stub(GPU)
+
+    def preferred(available: list[str], must: list[str], size: int) -> grpc.RpcError:
+        req = api_pb2.PreferredAllocationRequest(
+            container_requests=[
+                api_pb2.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=available, must_include_deviceIDs=must, allocation_size=size
+                )
+            ]
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetPreferredAllocation(req, timeout=5)
+        return err.value
+
+    assert preferred(uuids, [], 0).code() is grpc.StatusCode.INVALID_ARGUMENT
+    err = preferred(uuids[:2], [uuids[5]], 2)  # must_include outside available
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT and uuids[5] in err.details()
+    for ids in ([], [uuids[0], uuids[0]]):
+        with pytest.raises(grpc.RpcError) as alloc:
+            node.kubelet.allocate(GPU, ids, validate=False)
+        assert alloc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert node.kubelet.allocate(GPU, [uuids[1]]).envs["NVIDIA_VISIBLE_DEVICES"] == uuids[1]
+
+
+def test_a_dead_kubelet_socket_does_not_stop_registration_later(short_tmp: Path) -> None:
+    import socket
+
+    n = make_node(short_tmp)
+    n.kubelet.plugin_dir.mkdir(parents=True)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(n.kubelet.plugin_dir / "kubelet.sock"))
+    dead.close()  # a kubelet.sock nobody answers on: kubelet crashed
+    n.gpud.start()
+    try:
+        n.gpud.wait_ready()
+        assert not n.gpud.status().plugins[0].registered
+        n.kubelet.start()  # kubelet comes back: wipes sockets, serves kubelet.sock
+        n.kubelet.wait_registered(GPU, timeout=5)
+        n.kubelet.wait_devices(GPU, lambda d: len(d) == 8)
+    finally:
+        n.gpud.terminate()
+        n.kubelet.stop()
+
+
+def test_sighup_applies_a_good_file(short_tmp: Path) -> None:
+    import time
+
+    config = short_tmp / "gpud.yaml"
+    config.write_text("version: v1\n")
+    n = make_node(short_tmp, extra=("--config", str(config)))
+    n.kubelet.start()
+    n.gpud.start()
+    try:
+        n.gpud.wait_ready()
+        config.write_text("version: v1\nhealth:\n  extraIgnoredXids: [94]\n")
+        os.kill(n.gpud.pid or 0, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "configuration reloaded" not in n.gpud.log():
+            assert time.monotonic() < deadline, n.gpud.log()
+            time.sleep(0.05)
+        out = n.gpudctl("debug", "inject-xid", "--gpu", "0", "--xid", "94")
+        assert "ignored" in out.stdout
+    finally:
+        n.gpud.terminate()
+        n.kubelet.stop()

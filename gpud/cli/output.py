@@ -10,8 +10,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
 from gpud._proto.gpud.v1 import gpud_pb2
 
 FORMATS = ("table", "json", "yaml")
@@ -124,5 +122,7 @@ def render(data: object, fmt: str, as_table: str) -> str:
     if fmt == "json":
         return json.dumps(data, indent=2)
     if fmt == "yaml":
+        import yaml
+
         return yaml.safe_dump(data, sort_keys=False).rstrip()
     return as_table

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gpud.config.load import ConfigError, load
-
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def validate_config(path: str) -> int:
+    from gpud.config.load import ConfigError, load
+
     try:
         load(Path(path))
     except ConfigError as exc:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from gpud.config.models import Config, default_config
@@ -42,6 +41,8 @@ def _location(loc: tuple[int | str, ...]) -> str:
 
 def parse(text: str, source: str = "<config>") -> Config:
     """Parse YAML text; an empty document means all defaults (``version`` is still required)."""
+    import yaml  # only when there is a file: a node without one starts without the YAML parser
+
     try:
         data: Any = yaml.safe_load(text)
     except yaml.YAMLError as exc:
