@@ -16,6 +16,36 @@ configured so). Where NVML is silent the fake takes the strictest reading and sa
   the set, so a backend has to drop the lost board from its set to hear the others again.
 * Events for a device or event type that was not registered in the waited-on set are discarded,
   as the driver never delivers them.
+
+MIG follows the NVML header and shared/reference/mig-profiles.md (§1.3, §4, §7, §8), with the
+profile tables of :mod:`gpud.mig.catalog`:
+
+* ``nvmlDeviceGetGpuInstanceProfileInfo[V]`` takes the NVML *enum* and answers ``info.id``, the
+  device profile ID (19 for A100 1g.5gb, 14 for A30 1g.6gb); every other call takes ``info.id``.
+  Enums the board lacks, and every enum while MIG is currently off, answer ``NOT_SUPPORTED``;
+  enums at or past ``NVML_GPU_INSTANCE_PROFILE_COUNT`` answer ``INVALID_ARGUMENT``.
+* Creating a GI at a placement its profile does not offer is ``INVALID_ARGUMENT``; sharing a memory
+  slice with another GI, or one GI more than ``instanceCount``, is ``INSUFFICIENT_RESOURCES``.
+  Destroying a GI that still has CIs, or a CI a process runs on, is ``IN_USE``.
+* ``nvmlDeviceSetMigMode`` records the request as the pending mode; a board whose family needs a
+  reset (Ampere, ``Family.mode_change_needs_reset``) keeps its current mode until
+  :meth:`FakeNvml.reset_gpu`, later ones switch at once. (A bare-metal driver may reset an idle
+  Ampere board by itself; the fake always leaves that to the caller, the path gpud must handle.)
+  While processes (or, when disabling, GPU instances) hold the board, ``activationStatus`` answers
+  ``IN_USE`` and only the pending mode changes, as nvidia-smi's "pending enable state ... In use by
+  another client" shows.
+* MIG device handles are their own handle space (``nvmlDeviceIsMigDeviceHandle`` tells them apart)
+  and carry random ``MIG-`` UUIDs; ``nvmlDeviceGetMigDeviceHandleByIndex`` answers ``NOT_FOUND``
+  for an empty slot, and slots are reused lowest-first, so holes appear after a destroy.
+* Processes on the GPU handle are the aggregate of every MIG device (each tagged with its GI and CI
+  ID), on a MIG handle only that device's, as the header's note on
+  ``nvmlDeviceGetComputeRunningProcesses`` says; the aggregate comes "only if the caller has
+  appropriate privileges", so with ``root=False`` the GPU handle lists whole-GPU processes only.
+
+Where the driver's choice is not documented the fake picks one and says so: GI IDs are the lowest
+free in 1..(compute slices), unrelated to the placement (as on hardware); CI IDs the lowest free
+from 0; a CI goes to the lowest free start aligned to its size. Calls NVML marks "Requires root" or
+"Requires privileged user" answer ``NO_PERMISSION`` with ``root=False``.
 """
 
 from __future__ import annotations
@@ -26,12 +56,16 @@ import enum
 import queue
 import threading
 import time
+import uuid as uuidlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pynvml
+
+from gpud.hw.types import CiProfile, GiProfile
+from gpud.mig.catalog import Family, family_for
 
 c_int, c_uint, c_ulonglong, c_void_p, c_char = (
     ctypes.c_int,
@@ -58,7 +92,10 @@ class Ret(enum.IntEnum):
     LIBRARY_NOT_FOUND = 12
     FUNCTION_NOT_FOUND = 13
     GPU_IS_LOST = 15
+    RESET_REQUIRED = 16
     LIB_RM_VERSION_MISMATCH = 18
+    IN_USE = 19
+    INSUFFICIENT_RESOURCES = 23
     UNKNOWN = 999
 
 
@@ -74,6 +111,16 @@ NVLINK_DEVICE_TYPE_GPU = 0x00
 NVLINK_DEVICE_TYPE_SWITCH = 0x02
 
 NO_INSTANCE = 0xFFFFFFFF
+
+MIG_DISABLE = 0
+MIG_ENABLE = 1
+# NVML_GPU_INSTANCE_PROFILE_COUNT / NVML_COMPUTE_INSTANCE_PROFILE_COUNT of the NVML 13 header: the
+# fake's "driver" knows this many enums; the set grows between releases, hence INVALID_ARGUMENT past
+# it rather than a count a caller could read.
+GI_PROFILE_COUNT = 0x12
+CI_PROFILE_COUNT = 0x9
+CI_ENGINE_PROFILE_COUNT = 0x1
+_NAME_BUFFER = 96  # NVML_DEVICE_NAME_V2_BUFFER_SIZE
 
 
 # Structures as nvml.h declares them (not pynvml's classes, on purpose: see module docstring).
@@ -107,6 +154,135 @@ class EventData(ctypes.Structure):
     ]
 
 
+class GpuInstancePlacement(ctypes.Structure):
+    _fields_ = [("start", c_uint), ("size", c_uint)]
+
+
+_GI_PROFILE_FIELDS = [
+    ("id", c_uint),
+    ("isP2pSupported", c_uint),
+    ("sliceCount", c_uint),
+    ("instanceCount", c_uint),
+    ("multiprocessorCount", c_uint),
+    ("copyEngineCount", c_uint),
+    ("decoderCount", c_uint),
+    ("encoderCount", c_uint),
+    ("jpegCount", c_uint),
+    ("ofaCount", c_uint),
+    ("memorySizeMB", c_ulonglong),
+]
+
+
+class GpuInstanceProfileInfo(ctypes.Structure):
+    _fields_ = _GI_PROFILE_FIELDS
+
+
+class GpuInstanceProfileInfoV2(ctypes.Structure):
+    _fields_ = [("version", c_uint), *_GI_PROFILE_FIELDS, ("name", c_char * _NAME_BUFFER)]
+
+
+class GpuInstanceInfo(ctypes.Structure):
+    _fields_ = [
+        ("device", c_void_p),
+        ("id", c_uint),
+        ("profileId", c_uint),
+        ("placement", GpuInstancePlacement),
+    ]
+
+
+class ComputeInstancePlacement(ctypes.Structure):
+    _fields_ = [("start", c_uint), ("size", c_uint)]
+
+
+_CI_PROFILE_FIELDS = [
+    ("id", c_uint),
+    ("sliceCount", c_uint),
+    ("instanceCount", c_uint),
+    ("multiprocessorCount", c_uint),
+    ("sharedCopyEngineCount", c_uint),
+    ("sharedDecoderCount", c_uint),
+    ("sharedEncoderCount", c_uint),
+    ("sharedJpegCount", c_uint),
+    ("sharedOfaCount", c_uint),
+]
+
+
+class ComputeInstanceProfileInfo(ctypes.Structure):
+    _fields_ = _CI_PROFILE_FIELDS
+
+
+class ComputeInstanceProfileInfoV2(ctypes.Structure):
+    _fields_ = [("version", c_uint), *_CI_PROFILE_FIELDS, ("name", c_char * _NAME_BUFFER)]
+
+
+class ComputeInstanceInfo(ctypes.Structure):
+    _fields_ = [
+        ("device", c_void_p),
+        ("gpuInstance", c_void_p),
+        ("id", c_uint),
+        ("profileId", c_uint),
+        ("placement", ComputeInstancePlacement),
+    ]
+
+
+class ProcessInfo(ctypes.Structure):
+    """``nvmlProcessInfo_t`` (= ``nvmlProcessInfo_v2_t``), what the ``_v2``/``_v3`` calls fill."""
+
+    _fields_ = [
+        ("pid", c_uint),
+        ("usedGpuMemory", c_ulonglong),
+        ("gpuInstanceId", c_uint),
+        ("computeInstanceId", c_uint),
+    ]
+
+
+def _struct_version(struct: type[ctypes.Structure], version: int) -> int:
+    """``NVML_STRUCT_VERSION``: the size of the versioned struct with the version in the top byte.
+
+    Computed from the layouts above, so a caller passing pynvml's constant proves that both sides
+    agree on the struct's size.
+    """
+    return ctypes.sizeof(struct) | (version << 24)
+
+
+GI_PROFILE_INFO_V2 = _struct_version(GpuInstanceProfileInfoV2, 2)
+CI_PROFILE_INFO_V2 = _struct_version(ComputeInstanceProfileInfoV2, 2)
+
+
+@dataclass
+class FakeComputeInstance:
+    """A compute instance = one MIG device; ``slot`` is its MIG device index under the GPU."""
+
+    ci_id: int
+    profile_id: int
+    slices: int
+    start: int
+    uuid: str
+    slot: int
+    handle: int
+    mig_handle: int
+
+
+@dataclass
+class FakeGpuInstance:
+    gi_id: int
+    profile_id: int
+    start: int
+    size: int
+    handle: int
+    compute_instances: dict[int, FakeComputeInstance] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FakeProcess:
+    """A compute process; ``gi``/``ci`` name the MIG device it runs on (NO_INSTANCE: none)."""
+
+    pid: int
+    used_mib: int = 0
+    gi: int = NO_INSTANCE
+    ci: int = NO_INSTANCE
+
+
 @dataclass
 class FakeLink:
     """One NVLink of a GPU: to another GPU (``peer`` index) or to an NVSwitch (``switch`` index)."""
@@ -138,6 +314,21 @@ class FakeGpu:
     lost: bool = False
     lost_handle: bool = False
     errors: dict[str, int] = field(default_factory=dict)
+    # MIG: instances by GI ID, and the compute processes running on the board.
+    gpu_instances: dict[int, FakeGpuInstance] = field(default_factory=dict)
+    processes: list[FakeProcess] = field(default_factory=list)
+    # activationStatus of nvmlDeviceSetMigMode when nothing holds the board: RESET_REQUIRED models a
+    # pass-through VM whose reset the driver cannot trigger.
+    activation_status: int = Ret.SUCCESS
+
+    @property
+    def family(self) -> Family | None:
+        """The catalog family behind this board's MIG tables; None when it cannot do MIG."""
+        return family_for(self.pci_device_id) if self.mig is not None else None
+
+    @property
+    def mig_enabled(self) -> bool:
+        return self.mig is not None and self.mig[0] == MIG_ENABLE and self.family is not None
 
 
 @dataclass(frozen=True)
@@ -166,6 +357,20 @@ def parse_bus_id(bus_id: str) -> tuple[int, int, int]:
 
 _HANDLE_BASE = 0x1000
 _SET_BASE = 0x8000
+# GI, CI and MIG device handles each get their own range, never reused, so a handle kept past a
+# destroy or reset is recognisably invalid.
+_GI_BASE = 0x100000
+_CI_BASE = 0x200000
+_MIG_BASE = 0x300000
+
+# The MIG calls that change the GPU (the applier counts them); a reset is not an NVML call.
+MIG_MUTATIONS = (
+    "nvmlDeviceSetMigMode",
+    "nvmlDeviceCreateGpuInstanceWithPlacement",
+    "nvmlGpuInstanceCreateComputeInstance",
+    "nvmlComputeInstanceDestroy",
+    "nvmlGpuInstanceDestroy",
+)
 
 
 class FakeNvml:
@@ -188,6 +393,7 @@ class FakeNvml:
         errors: dict[str, int] | None = None,
         absent: set[str] | None = None,
         switch_pci_device_id: int = 0x1AF110DE,
+        root: bool = True,
     ) -> None:
         self.gpus = gpus
         self.switches = switches or []
@@ -206,6 +412,13 @@ class FakeNvml:
         self.freed_sets: list[int] = []
         self.waiting = threading.Event()  # set while some thread is inside nvmlEventSetWait_v2
         self._next_set = _SET_BASE
+        self.root = root
+        # Live MIG handles: GI handle -> (gpu, gi), CI and MIG device handle -> (gpu, gi, ci).
+        self._gi_handles: dict[int, tuple[int, int]] = {}
+        self._ci_handles: dict[int, tuple[int, int, int]] = {}
+        self._mig_handles: dict[int, tuple[int, int, int]] = {}
+        self._next_handle = {"gi": _GI_BASE, "ci": _CI_BASE, "mig": _MIG_BASE}
+        self.resets: list[int] = []  # GPU indices reset through reset_gpu(), in order
         self._lock = threading.RLock()
         self._saved: dict[str, Any] = {}
         self.lib = self._build_lib()
@@ -225,6 +438,54 @@ class FakeNvml:
     @staticmethod
     def handle_of(index: int) -> int:
         return _HANDLE_BASE + 0x10 * index
+
+    def mutations(self) -> int:
+        """How many MIG-changing NVML calls were made (successful or not)."""
+        return sum(self.calls[name] for name in MIG_MUTATIONS)
+
+    def index_of_bus_id(self, bus_id: str) -> int:
+        for index, gpu in enumerate(self.gpus):
+            if gpu.bus_id.upper() == bus_id.upper():
+                return index
+        raise LookupError(f"no fake GPU at {bus_id}")
+
+    def reset_gpu(self, index: int) -> int:
+        """What ``nvidia-smi -r`` does to the board: the pending MIG mode takes effect and no GPU
+        or compute instance survives. Refused with IN_USE while processes run, as nvidia-smi is."""
+        gpu = self.gpus[index]
+        with self._lock:
+            if gpu.processes:
+                return Ret.IN_USE
+            for gi_id in list(gpu.gpu_instances):
+                self._drop_gpu_instance(index, gi_id)
+            if gpu.mig is not None:
+                gpu.mig = (gpu.mig[1], gpu.mig[1])
+            self.resets.append(index)
+        return Ret.SUCCESS
+
+    def mig_uuid(self, index: int, gi_id: int, ci_id: int) -> str:
+        return self.gpus[index].gpu_instances[gi_id].compute_instances[ci_id].uuid
+
+    def start_process(
+        self, index: int, pid: int, used_mib: int = 0, mig_uuid: str | None = None
+    ) -> None:
+        """A compute process on the whole GPU, or on the MIG device ``mig_uuid``."""
+        gpu = self.gpus[index]
+        gi = ci = NO_INSTANCE
+        if mig_uuid is not None:
+            gi, ci = next(
+                (g.gi_id, c.ci_id)
+                for g in gpu.gpu_instances.values()
+                for c in g.compute_instances.values()
+                if c.uuid == mig_uuid
+            )
+        with self._lock:
+            gpu.processes.append(FakeProcess(pid, used_mib, gi, ci))
+
+    def stop_process(self, index: int, pid: int) -> None:
+        gpu = self.gpus[index]
+        with self._lock:
+            gpu.processes = [p for p in gpu.processes if p.pid != pid]
 
     def install(self) -> None:
         self._saved = {
@@ -275,6 +536,49 @@ class FakeNvml:
             "nvmlDeviceRegisterEvents": (ret, c_void_p, c_ulonglong, c_void_p),
             "nvmlEventSetWait_v2": (ret, c_void_p, c_void_p, c_uint),
             "nvmlEventSetFree": (ret, c_void_p),
+            # MIG (nvml.h, "Multi Instance GPU Management"); handles are opaque pointers.
+            "nvmlDeviceSetMigMode": (ret, c_void_p, c_uint, c_void_p),
+            "nvmlDeviceGetGpuInstanceProfileInfo": (ret, c_void_p, c_uint, c_void_p),
+            "nvmlDeviceGetGpuInstanceProfileInfoV": (ret, c_void_p, c_uint, c_void_p),
+            "nvmlDeviceGetGpuInstancePossiblePlacements_v2": (
+                ret,
+                c_void_p,
+                c_uint,
+                c_void_p,
+                c_void_p,
+            ),
+            "nvmlDeviceCreateGpuInstanceWithPlacement": (ret, c_void_p, c_uint, c_void_p, c_void_p),
+            "nvmlGpuInstanceDestroy": (ret, c_void_p),
+            "nvmlDeviceGetGpuInstances": (ret, c_void_p, c_uint, c_void_p, c_void_p),
+            "nvmlDeviceGetGpuInstanceById": (ret, c_void_p, c_uint, c_void_p),
+            "nvmlGpuInstanceGetInfo": (ret, c_void_p, c_void_p),
+            "nvmlGpuInstanceGetComputeInstanceProfileInfo": (
+                ret,
+                c_void_p,
+                c_uint,
+                c_uint,
+                c_void_p,
+            ),
+            "nvmlGpuInstanceGetComputeInstanceProfileInfoV": (
+                ret,
+                c_void_p,
+                c_uint,
+                c_uint,
+                c_void_p,
+            ),
+            "nvmlGpuInstanceCreateComputeInstance": (ret, c_void_p, c_uint, c_void_p),
+            "nvmlComputeInstanceDestroy": (ret, c_void_p),
+            "nvmlGpuInstanceGetComputeInstances": (ret, c_void_p, c_uint, c_void_p, c_void_p),
+            "nvmlGpuInstanceGetComputeInstanceById": (ret, c_void_p, c_uint, c_void_p),
+            "nvmlComputeInstanceGetInfo_v2": (ret, c_void_p, c_void_p),
+            "nvmlDeviceIsMigDeviceHandle": (ret, c_void_p, c_void_p),
+            "nvmlDeviceGetGpuInstanceId": (ret, c_void_p, c_void_p),
+            "nvmlDeviceGetComputeInstanceId": (ret, c_void_p, c_void_p),
+            "nvmlDeviceGetMaxMigDeviceCount": (ret, c_void_p, c_void_p),
+            "nvmlDeviceGetMigDeviceHandleByIndex": (ret, c_void_p, c_uint, c_void_p),
+            "nvmlDeviceGetDeviceHandleFromMigDeviceHandle": (ret, c_void_p, c_void_p),
+            "nvmlDeviceGetComputeRunningProcesses_v2": (ret, c_void_p, c_void_p, c_void_p),
+            "nvmlDeviceGetComputeRunningProcesses_v3": (ret, c_void_p, c_void_p, c_void_p),
         }
         for name, (restype, *argtypes) in signatures.items():
             if name in self.absent:
@@ -421,10 +725,11 @@ class FakeNvml:
         return self._put(c_void_p, addr, self.handle_of(index))
 
     def _nvmlDeviceGetUUID(self, handle: int | None, addr: int | None, length: int) -> int:
-        found = self._device_call("nvmlDeviceGetUUID", handle)
+        found = self._any_device("nvmlDeviceGetUUID", handle)
         if isinstance(found, int):
             return found
-        return self._put_string(addr, length, found[1].uuid)
+        _, gpu, ci = found
+        return self._put_string(addr, length, ci.uuid if ci is not None else gpu.uuid)
 
     def _nvmlDeviceGetName(self, handle: int | None, addr: int | None, length: int) -> int:
         found = self._device_call("nvmlDeviceGetName", handle)
@@ -604,6 +909,597 @@ class FakeNvml:
                     return Ret.SUCCESS
         finally:
             self.waiting.clear()
+
+    # ---- MIG: handle resolution ------------------------------------------------------------------
+
+    def _new_handle(self, kind: str) -> int:
+        handle = self._next_handle[kind]
+        self._next_handle[kind] += 0x10
+        return handle
+
+    def _parent_checks(self, name: str, index: int) -> tuple[int, FakeGpu] | int:
+        gpu = self.gpus[index]
+        if name in gpu.errors:
+            return gpu.errors[name]
+        if gpu.lost:
+            return Ret.GPU_IS_LOST
+        return index, gpu
+
+    def _any_device(
+        self, name: str, handle: int | None
+    ) -> tuple[int, FakeGpu, FakeComputeInstance | None] | int:
+        """A GPU handle or a MIG device handle: the GPU, plus the CI when it is a MIG device."""
+        if not self.init_count:
+            return Ret.UNINITIALIZED
+        if handle in self._mig_handles:
+            index, gi_id, ci_id = self._mig_handles[handle]
+            found = self._parent_checks(name, index)
+            if isinstance(found, int):
+                return found
+            gpu = found[1]
+            return index, gpu, gpu.gpu_instances[gi_id].compute_instances[ci_id]
+        dev = self._device_call(name, handle)
+        if isinstance(dev, int):
+            return dev
+        return dev[0], dev[1], None
+
+    def _gi(self, name: str, handle: int | None) -> tuple[int, FakeGpu, FakeGpuInstance] | int:
+        if not self.init_count:
+            return Ret.UNINITIALIZED
+        key = self._gi_handles.get(handle) if handle is not None else None
+        if key is None:
+            return Ret.INVALID_ARGUMENT  # never created, destroyed, or wiped by a reset
+        found = self._parent_checks(name, key[0])
+        if isinstance(found, int):
+            return found
+        return key[0], found[1], found[1].gpu_instances[key[1]]
+
+    def _ci(
+        self, name: str, handle: int | None
+    ) -> tuple[int, FakeGpu, FakeGpuInstance, FakeComputeInstance] | int:
+        if not self.init_count:
+            return Ret.UNINITIALIZED
+        key = self._ci_handles.get(handle) if handle is not None else None
+        if key is None:
+            return Ret.INVALID_ARGUMENT
+        found = self._parent_checks(name, key[0])
+        if isinstance(found, int):
+            return found
+        gi = found[1].gpu_instances[key[1]]
+        return key[0], found[1], gi, gi.compute_instances[key[2]]
+
+    def _mig_device(self, name: str, handle: int | None) -> tuple[int, FakeGpu] | int:
+        """A GPU handle for a MIG call: NOT_SUPPORTED unless the board can do MIG."""
+        found = self._device_call(name, handle)
+        if isinstance(found, int):
+            return found
+        if found[1].family is None:
+            return Ret.NOT_SUPPORTED
+        return found
+
+    @staticmethod
+    def _gi_profile(gpu: FakeGpu, profile_id: int) -> GiProfile | None:
+        family = gpu.family
+        if family is None:
+            return None
+        return next((p for p in family.profiles if p.profile_id == profile_id), None)
+
+    @staticmethod
+    def _ci_profile(gpu: FakeGpu, gi: FakeGpuInstance, ci_profile_id: int) -> CiProfile | None:
+        profile = FakeNvml._gi_profile(gpu, gi.profile_id)
+        if profile is None:
+            return None
+        return next((c for c in profile.compute_profiles if c.profile_id == ci_profile_id), None)
+
+    @staticmethod
+    def _memory_mib(family: Family, profile: GiProfile) -> int:
+        """The catalog's memory size; where it has none (A100-80GB 1g.20gb), that of a profile
+        with as many memory slices, which is what the driver reports for the other boards."""
+        if profile.memory_mib:
+            return profile.memory_mib
+        for other in family.profiles:
+            if other.memory_slices == profile.memory_slices and other.memory_mib:
+                return other.memory_mib
+        return 0
+
+    def _drop_gpu_instance(self, index: int, gi_id: int) -> None:
+        gi = self.gpus[index].gpu_instances.pop(gi_id)
+        for ci_id in list(gi.compute_instances):
+            self._drop_compute_instance(gi, ci_id)
+        self._gi_handles.pop(gi.handle, None)
+
+    def _drop_compute_instance(self, gi: FakeGpuInstance, ci_id: int) -> None:
+        ci = gi.compute_instances.pop(ci_id)
+        self._ci_handles.pop(ci.handle, None)
+        self._mig_handles.pop(ci.mig_handle, None)
+
+    # ---- MIG: mode -------------------------------------------------------------------------------
+
+    def _nvmlDeviceSetMigMode(self, handle: int | None, mode: int, status: int | None) -> int:
+        found = self._mig_device("nvmlDeviceSetMigMode", handle)
+        if isinstance(found, int):
+            return found
+        gpu = found[1]
+        if mode not in (MIG_DISABLE, MIG_ENABLE) or status is None:
+            return Ret.INVALID_ARGUMENT
+        if not self.root:  # "Requires root user"
+            return Ret.NO_PERMISSION
+        assert gpu.mig is not None and gpu.family is not None
+        with self._lock:
+            current = gpu.mig[0]
+            gpu.mig = (current, mode)
+            if mode == current:
+                activation = Ret.SUCCESS
+            elif gpu.processes or (mode == MIG_DISABLE and gpu.gpu_instances):
+                activation = Ret.IN_USE  # pending until the board is idle and reset
+            elif gpu.activation_status != Ret.SUCCESS:
+                activation = gpu.activation_status
+            else:
+                activation = Ret.SUCCESS
+                if not gpu.family.mode_change_needs_reset:
+                    gpu.mig = (mode, mode)
+        return self._put(c_int, status, activation)
+
+    # ---- MIG: GPU instance profiles --------------------------------------------------------------
+
+    def _gi_profile_lookup(
+        self, name: str, handle: int | None, enum: int, addr: int | None
+    ) -> tuple[Family, GiProfile] | int:
+        found = self._device_call(name, handle)
+        if isinstance(found, int):
+            return found
+        gpu = found[1]
+        if enum >= GI_PROFILE_COUNT or addr is None:
+            return Ret.INVALID_ARGUMENT
+        family = gpu.family
+        if family is None or not gpu.mig_enabled:
+            return Ret.NOT_SUPPORTED  # "doesn't have MIG mode enabled or profile isn't supported"
+        by_enum = {e: pid for pid, e in family.enums.items()}
+        profile = self._gi_profile(gpu, by_enum.get(enum, -1))
+        if profile is None:
+            return Ret.NOT_SUPPORTED
+        return family, profile
+
+    def _fill_gi_profile(self, info: Any, family: Family, profile: GiProfile) -> None:
+        info.id = profile.profile_id
+        info.isP2pSupported = 0
+        info.sliceCount = profile.slices
+        info.instanceCount = profile.max_count
+        # Engine and SM counts are not in the catalog and nothing in gpud reads them.
+        info.memorySizeMB = self._memory_mib(family, profile)
+
+    def _nvmlDeviceGetGpuInstanceProfileInfo(
+        self, handle: int | None, enum: int, addr: int | None
+    ) -> int:
+        found = self._gi_profile_lookup("nvmlDeviceGetGpuInstanceProfileInfo", handle, enum, addr)
+        if isinstance(found, int):
+            return found
+        assert addr is not None
+        info = GpuInstanceProfileInfo.from_address(addr)
+        self._fill_gi_profile(info, *found)
+        return Ret.SUCCESS
+
+    def _nvmlDeviceGetGpuInstanceProfileInfoV(
+        self, handle: int | None, enum: int, addr: int | None
+    ) -> int:
+        found = self._gi_profile_lookup("nvmlDeviceGetGpuInstanceProfileInfoV", handle, enum, addr)
+        if isinstance(found, int):
+            return found
+        assert addr is not None
+        info = GpuInstanceProfileInfoV2.from_address(addr)
+        if info.version != GI_PROFILE_INFO_V2:
+            return Ret.INVALID_ARGUMENT  # "info->version are invalid"
+        self._fill_gi_profile(info, *found)
+        info.name = f"MIG {found[1].name}".encode()
+        return Ret.SUCCESS
+
+    def _nvmlDeviceGetGpuInstancePossiblePlacements_v2(
+        self, handle: int | None, profile_id: int, addr: int | None, count: int | None
+    ) -> int:
+        found = self._mig_device("nvmlDeviceGetGpuInstancePossiblePlacements_v2", handle)
+        if isinstance(found, int):
+            return found
+        gpu = found[1]
+        if count is None:
+            return Ret.INVALID_ARGUMENT
+        if not self.root:  # "Requires privileged user"
+            return Ret.NO_PERMISSION
+        if not gpu.mig_enabled:
+            # The 12.2 header lists NOT_SUPPORTED "if device doesn't have MIG mode enabled"; newer
+            # headers say all placements come back regardless. The fake takes the stricter one.
+            return Ret.NOT_SUPPORTED
+        profile = self._gi_profile(gpu, profile_id)
+        if profile is None:
+            return Ret.INVALID_ARGUMENT
+        places = profile.placements
+        capacity = c_uint.from_address(count)
+        if addr is not None:
+            # "If non-NULL must be large enough": the fake holds the caller to the count it passed.
+            if capacity.value < len(places):
+                return Ret.INSUFFICIENT_SIZE
+            array = (GpuInstancePlacement * len(places)).from_address(addr)
+            for slot, place in zip(array, places, strict=True):
+                slot.start, slot.size = place.start, place.size
+        capacity.value = len(places)
+        return Ret.SUCCESS
+
+    # ---- MIG: GPU instances ----------------------------------------------------------------------
+
+    def _nvmlDeviceCreateGpuInstanceWithPlacement(
+        self, handle: int | None, profile_id: int, placement: int | None, out: int | None
+    ) -> int:
+        found = self._mig_device("nvmlDeviceCreateGpuInstanceWithPlacement", handle)
+        if isinstance(found, int):
+            return found
+        index, gpu = found
+        if placement is None or out is None:
+            return Ret.INVALID_ARGUMENT
+        if not self.root:  # "Requires privileged user"
+            return Ret.NO_PERMISSION
+        if not gpu.mig_enabled:
+            return Ret.NOT_SUPPORTED
+        family = gpu.family
+        profile = self._gi_profile(gpu, profile_id)
+        if family is None or profile is None:
+            return Ret.INVALID_ARGUMENT
+        want = GpuInstancePlacement.from_address(placement)
+        start, size = want.start, want.size
+        if not any(p.start == start and p.size == size for p in profile.placements):
+            return Ret.INVALID_ARGUMENT
+        with self._lock:
+            existing = gpu.gpu_instances.values()
+            if sum(1 for g in existing if g.profile_id == profile_id) >= profile.max_count:
+                return Ret.INSUFFICIENT_RESOURCES
+            if any(start < g.start + g.size and g.start < start + size for g in existing):
+                return Ret.INSUFFICIENT_RESOURCES
+            gi_id = next(
+                (i for i in range(1, family.compute_slices + 1) if i not in gpu.gpu_instances),
+                None,
+            )
+            if gi_id is None:
+                return Ret.INSUFFICIENT_RESOURCES
+            gi = FakeGpuInstance(gi_id, profile_id, start, size, self._new_handle("gi"))
+            gpu.gpu_instances[gi_id] = gi
+            self._gi_handles[gi.handle] = (index, gi_id)
+        return self._put(c_void_p, out, gi.handle)
+
+    def _nvmlGpuInstanceDestroy(self, handle: int | None) -> int:
+        found = self._gi("nvmlGpuInstanceDestroy", handle)
+        if isinstance(found, int):
+            return found
+        index, gpu, gi = found
+        if not self.root:  # "Requires privileged user"
+            return Ret.NO_PERMISSION
+        with self._lock:
+            if gi.compute_instances or any(p.gi == gi.gi_id for p in gpu.processes):
+                return Ret.IN_USE
+            self._drop_gpu_instance(index, gi.gi_id)
+        return Ret.SUCCESS
+
+    def _nvmlDeviceGetGpuInstances(
+        self, handle: int | None, profile_id: int, addr: int | None, count: int | None
+    ) -> int:
+        found = self._mig_device("nvmlDeviceGetGpuInstances", handle)
+        if isinstance(found, int):
+            return found
+        gpu = found[1]
+        if addr is None or count is None:
+            return Ret.INVALID_ARGUMENT
+        if not self.root:  # "Requires privileged user"
+            return Ret.NO_PERMISSION
+        if not gpu.mig_enabled:
+            return Ret.NOT_SUPPORTED
+        if self._gi_profile(gpu, profile_id) is None:
+            return Ret.INVALID_ARGUMENT
+        # The caller sized the array by the profile's instanceCount, as the header asks.
+        handles = [
+            g.handle for _, g in sorted(gpu.gpu_instances.items()) if g.profile_id == profile_id
+        ]
+        array = (c_void_p * max(len(handles), 1)).from_address(addr)
+        for slot, gi_handle in enumerate(handles):
+            array[slot] = gi_handle
+        return self._put(c_uint, count, len(handles))
+
+    def _nvmlDeviceGetGpuInstanceById(self, handle: int | None, gi_id: int, out: int | None) -> int:
+        found = self._mig_device("nvmlDeviceGetGpuInstanceById", handle)
+        if isinstance(found, int):
+            return found
+        gpu = found[1]
+        if out is None:
+            return Ret.INVALID_ARGUMENT
+        if not self.root:  # "Requires privileged user"
+            return Ret.NO_PERMISSION
+        if not gpu.mig_enabled:
+            return Ret.NOT_SUPPORTED
+        gi = gpu.gpu_instances.get(gi_id)
+        if gi is None:
+            return Ret.NOT_FOUND
+        return self._put(c_void_p, out, gi.handle)
+
+    def _nvmlGpuInstanceGetInfo(self, handle: int | None, addr: int | None) -> int:
+        found = self._gi("nvmlGpuInstanceGetInfo", handle)
+        if isinstance(found, int):
+            return found
+        index, _, gi = found
+        if addr is None:
+            return Ret.INVALID_ARGUMENT
+        info = GpuInstanceInfo.from_address(addr)
+        info.device = self.handle_of(index)
+        info.id, info.profileId = gi.gi_id, gi.profile_id
+        info.placement.start, info.placement.size = gi.start, gi.size
+        return Ret.SUCCESS
+
+    # ---- MIG: compute instances ------------------------------------------------------------------
+
+    def _ci_profile_lookup(
+        self, name: str, handle: int | None, enum: int, engine: int, addr: int | None
+    ) -> tuple[GiProfile, CiProfile] | int:
+        found = self._gi(name, handle)
+        if isinstance(found, int):
+            return found
+        _, gpu, gi = found
+        if enum >= CI_PROFILE_COUNT or engine >= CI_ENGINE_PROFILE_COUNT or addr is None:
+            return Ret.INVALID_ARGUMENT
+        gi_profile = self._gi_profile(gpu, gi.profile_id)
+        # Observed drivers give every CI profile the ID of its enum (mig-profiles.md §1.3).
+        ci_profile = self._ci_profile(gpu, gi, enum)
+        if gi_profile is None or ci_profile is None:
+            return Ret.NOT_SUPPORTED
+        return gi_profile, ci_profile
+
+    @staticmethod
+    def _fill_ci_profile(info: Any, ci_profile: CiProfile) -> None:
+        info.id = ci_profile.profile_id
+        info.sliceCount = ci_profile.slices
+        info.instanceCount = ci_profile.max_count
+
+    def _nvmlGpuInstanceGetComputeInstanceProfileInfo(
+        self, handle: int | None, enum: int, engine: int, addr: int | None
+    ) -> int:
+        found = self._ci_profile_lookup(
+            "nvmlGpuInstanceGetComputeInstanceProfileInfo", handle, enum, engine, addr
+        )
+        if isinstance(found, int):
+            return found
+        assert addr is not None
+        self._fill_ci_profile(ComputeInstanceProfileInfo.from_address(addr), found[1])
+        return Ret.SUCCESS
+
+    def _nvmlGpuInstanceGetComputeInstanceProfileInfoV(
+        self, handle: int | None, enum: int, engine: int, addr: int | None
+    ) -> int:
+        found = self._ci_profile_lookup(
+            "nvmlGpuInstanceGetComputeInstanceProfileInfoV", handle, enum, engine, addr
+        )
+        if isinstance(found, int):
+            return found
+        assert addr is not None
+        info = ComputeInstanceProfileInfoV2.from_address(addr)
+        if info.version != CI_PROFILE_INFO_V2:
+            return Ret.INVALID_ARGUMENT
+        self._fill_ci_profile(info, found[1])
+        info.name = f"MIG {found[1].name}".encode()
+        return Ret.SUCCESS
+
+    def _nvmlGpuInstanceCreateComputeInstance(
+        self, handle: int | None, ci_profile_id: int, out: int | None
+    ) -> int:
+        found = self._gi("nvmlGpuInstanceCreateComputeInstance", handle)
+        if isinstance(found, int):
+            return found
+        index, gpu, gi = found
+        if out is None or ci_profile_id >= CI_PROFILE_COUNT:
+            return Ret.INVALID_ARGUMENT
+        if not self.root:  # "Requires privileged user"
+            return Ret.NO_PERMISSION
+        gi_profile = self._gi_profile(gpu, gi.profile_id)
+        ci_profile = self._ci_profile(gpu, gi, ci_profile_id)
+        family = gpu.family
+        if gi_profile is None or ci_profile is None or family is None:
+            return Ret.NOT_SUPPORTED
+        with self._lock:
+            cis = gi.compute_instances.values()
+            if sum(1 for c in cis if c.profile_id == ci_profile_id) >= ci_profile.max_count:
+                return Ret.INSUFFICIENT_RESOURCES
+            used = {s for c in cis for s in range(c.start, c.start + c.slices)}
+            width = ci_profile.slices
+            start = next(
+                (
+                    s
+                    for s in range(0, gi_profile.slices - width + 1, width)
+                    if used.isdisjoint(range(s, s + width))
+                ),
+                None,
+            )
+            if start is None:
+                return Ret.INSUFFICIENT_RESOURCES
+            ci_id = next(
+                i for i in range(len(gi.compute_instances) + 1) if i not in gi.compute_instances
+            )
+            taken = {
+                c.slot for g in gpu.gpu_instances.values() for c in g.compute_instances.values()
+            }
+            slot = next(i for i in range(family.compute_slices) if i not in taken)
+            ci = FakeComputeInstance(
+                ci_id=ci_id,
+                profile_id=ci_profile_id,
+                slices=width,
+                start=start,
+                uuid=f"MIG-{uuidlib.uuid4()}",
+                slot=slot,
+                handle=self._new_handle("ci"),
+                mig_handle=self._new_handle("mig"),
+            )
+            gi.compute_instances[ci_id] = ci
+            self._ci_handles[ci.handle] = (index, gi.gi_id, ci_id)
+            self._mig_handles[ci.mig_handle] = (index, gi.gi_id, ci_id)
+        return self._put(c_void_p, out, ci.handle)
+
+    def _nvmlComputeInstanceDestroy(self, handle: int | None) -> int:
+        found = self._ci("nvmlComputeInstanceDestroy", handle)
+        if isinstance(found, int):
+            return found
+        _, gpu, gi, ci = found
+        if not self.root:  # "Requires privileged user"
+            return Ret.NO_PERMISSION
+        with self._lock:
+            if any(p.gi == gi.gi_id and p.ci == ci.ci_id for p in gpu.processes):
+                return Ret.IN_USE
+            self._drop_compute_instance(gi, ci.ci_id)
+        return Ret.SUCCESS
+
+    def _nvmlGpuInstanceGetComputeInstances(
+        self, handle: int | None, ci_profile_id: int, addr: int | None, count: int | None
+    ) -> int:
+        found = self._gi("nvmlGpuInstanceGetComputeInstances", handle)
+        if isinstance(found, int):
+            return found
+        _, gpu, gi = found
+        if addr is None or count is None or ci_profile_id >= CI_PROFILE_COUNT:
+            return Ret.INVALID_ARGUMENT
+        if not self.root:  # "Requires privileged user"
+            return Ret.NO_PERMISSION
+        if self._ci_profile(gpu, gi, ci_profile_id) is None:
+            return Ret.NOT_SUPPORTED
+        handles = [
+            c.handle
+            for _, c in sorted(gi.compute_instances.items())
+            if c.profile_id == ci_profile_id
+        ]
+        array = (c_void_p * max(len(handles), 1)).from_address(addr)
+        for slot, ci_handle in enumerate(handles):
+            array[slot] = ci_handle
+        return self._put(c_uint, count, len(handles))
+
+    def _nvmlGpuInstanceGetComputeInstanceById(
+        self, handle: int | None, ci_id: int, out: int | None
+    ) -> int:
+        found = self._gi("nvmlGpuInstanceGetComputeInstanceById", handle)
+        if isinstance(found, int):
+            return found
+        gi = found[2]
+        if out is None:
+            return Ret.INVALID_ARGUMENT
+        if not self.root:  # "Requires privileged user"
+            return Ret.NO_PERMISSION
+        ci = gi.compute_instances.get(ci_id)
+        if ci is None:
+            return Ret.NOT_FOUND
+        return self._put(c_void_p, out, ci.handle)
+
+    def _nvmlComputeInstanceGetInfo_v2(self, handle: int | None, addr: int | None) -> int:
+        found = self._ci("nvmlComputeInstanceGetInfo_v2", handle)
+        if isinstance(found, int):
+            return found
+        index, _, gi, ci = found
+        if addr is None:
+            return Ret.INVALID_ARGUMENT
+        info = ComputeInstanceInfo.from_address(addr)
+        info.device, info.gpuInstance = self.handle_of(index), gi.handle
+        info.id, info.profileId = ci.ci_id, ci.profile_id
+        info.placement.start, info.placement.size = ci.start, ci.slices
+        return Ret.SUCCESS
+
+    # ---- MIG: MIG device handles -----------------------------------------------------------------
+
+    def _nvmlDeviceIsMigDeviceHandle(self, handle: int | None, addr: int | None) -> int:
+        found = self._any_device("nvmlDeviceIsMigDeviceHandle", handle)
+        if isinstance(found, int):
+            return found
+        return self._put(c_uint, addr, 0 if found[2] is None else 1)
+
+    def _instance_id(self, name: str, handle: int | None, addr: int | None, gi: bool) -> int:
+        found = self._any_device(name, handle)
+        if isinstance(found, int):
+            return found
+        ci = found[2]
+        if ci is None:
+            return Ret.NOT_SUPPORTED  # a GPU handle has no instance IDs
+        gi_id, ci_id = self._mig_handles[ci.mig_handle][1:]
+        return self._put(c_uint, addr, gi_id if gi else ci_id)
+
+    def _nvmlDeviceGetGpuInstanceId(self, handle: int | None, addr: int | None) -> int:
+        return self._instance_id("nvmlDeviceGetGpuInstanceId", handle, addr, gi=True)
+
+    def _nvmlDeviceGetComputeInstanceId(self, handle: int | None, addr: int | None) -> int:
+        return self._instance_id("nvmlDeviceGetComputeInstanceId", handle, addr, gi=False)
+
+    def _nvmlDeviceGetMaxMigDeviceCount(self, handle: int | None, addr: int | None) -> int:
+        found = self._device_call("nvmlDeviceGetMaxMigDeviceCount", handle)
+        if isinstance(found, int):
+            return found
+        gpu = found[1]
+        # "Returns zero if MIG is not supported or enabled."
+        family = gpu.family
+        return self._put(c_uint, addr, family.compute_slices if gpu.mig_enabled and family else 0)
+
+    def _nvmlDeviceGetMigDeviceHandleByIndex(
+        self, handle: int | None, slot: int, out: int | None
+    ) -> int:
+        found = self._mig_device("nvmlDeviceGetMigDeviceHandleByIndex", handle)
+        if isinstance(found, int):
+            return found
+        gpu = found[1]
+        family = gpu.family
+        if not gpu.mig_enabled or family is None:
+            return Ret.NOT_SUPPORTED
+        if out is None or slot >= family.compute_slices:
+            return Ret.INVALID_ARGUMENT
+        for gi in gpu.gpu_instances.values():
+            for ci in gi.compute_instances.values():
+                if ci.slot == slot:
+                    return self._put(c_void_p, out, ci.mig_handle)
+        return Ret.NOT_FOUND
+
+    def _nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+        self, handle: int | None, out: int | None
+    ) -> int:
+        found = self._any_device("nvmlDeviceGetDeviceHandleFromMigDeviceHandle", handle)
+        if isinstance(found, int):
+            return found
+        if found[2] is None:
+            return Ret.INVALID_ARGUMENT
+        return self._put(c_void_p, out, self.handle_of(found[0]))
+
+    # ---- processes -------------------------------------------------------------------------------
+
+    def _running(self, name: str, handle: int | None, count: int | None, addr: int | None) -> int:
+        found = self._any_device(name, handle)
+        if isinstance(found, int):
+            return found
+        _, gpu, ci = found
+        if count is None:
+            return Ret.INVALID_ARGUMENT
+        procs = list(gpu.processes)
+        if ci is not None:
+            gi_id = self._mig_handles[ci.mig_handle][1]
+            procs = [p for p in procs if (p.gi, p.ci) == (gi_id, ci.ci_id)]
+        elif gpu.mig_enabled and not self.root:
+            # The aggregate over MIG devices comes "only if the caller has appropriate
+            # privileges"; the fake's reading of the rest: only whole-GPU processes.
+            procs = [p for p in procs if p.gi == NO_INSTANCE]
+        capacity = c_uint.from_address(count)
+        if addr is None or capacity.value < len(procs):
+            # "call with *infoCount = 0 ... INSUFFICIENT_SIZE, or SUCCESS if none are running"
+            capacity.value = len(procs)
+            return Ret.INSUFFICIENT_SIZE if procs else Ret.SUCCESS
+        array = (ProcessInfo * max(len(procs), 1)).from_address(addr)
+        for slot, proc in zip(array, procs, strict=False):
+            slot.pid = proc.pid
+            slot.usedGpuMemory = proc.used_mib * 1024 * 1024
+            slot.gpuInstanceId, slot.computeInstanceId = proc.gi, proc.ci
+        capacity.value = len(procs)
+        return Ret.SUCCESS
+
+    def _nvmlDeviceGetComputeRunningProcesses_v3(
+        self, handle: int | None, count: int | None, addr: int | None
+    ) -> int:
+        return self._running("nvmlDeviceGetComputeRunningProcesses_v3", handle, count, addr)
+
+    def _nvmlDeviceGetComputeRunningProcesses_v2(
+        self, handle: int | None, count: int | None, addr: int | None
+    ) -> int:
+        return self._running("nvmlDeviceGetComputeRunningProcesses_v2", handle, count, addr)
 
 
 class _Lib:

@@ -291,16 +291,18 @@ def test_state_file_is_versioned_json_and_leaves_no_temp_files(tmp_path: Path) -
 
     document = json.loads(backend.state_path.read_text())
     assert document == {
-        "version": 1,
+        "version": 2,
         "spec": "t4:2",
         "gpus": [
             {
                 "uuid": gpu.uuid,
                 "mig_mode": {"current": "unsupported", "pending": "unsupported"},
                 "lost": gpu.lost,
+                "gpu_instances": [],
             }
             for gpu in backend.gpus()
         ],
+        "faults": {"fail_after": None, "crash_after": None, "processes": []},
     }
     assert [p.name for p in (tmp_path / "sim").iterdir()] == ["t4_2.json"]
 
@@ -323,8 +325,8 @@ def corrupt(document: dict, change: str) -> object:
         return None
     if change == "a list":
         return [document]
-    if change == "version 2":
-        return {**document, "version": 2}
+    if change == "version 3":
+        return {**document, "version": 3}
     if change == "version true":
         return {**document, "version": True}
     if change == "other spec":
@@ -352,7 +354,7 @@ def corrupt(document: dict, change: str) -> object:
     [
         "not json",
         "a list",
-        "version 2",
+        "version 3",
         "version true",
         "other spec",
         "a GPU missing",
@@ -404,7 +406,7 @@ def test_state_that_cannot_be_created_is_reported(
     def refuse(path: Path, data: bytes) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(sim_backend.state, "write_atomic", refuse)
+    monkeypatch.setattr(sim_backend, "write_atomic", refuse)
 
     with pytest.raises(BackendUnavailable, match="cannot write simulated GPU state") as caught:
         opened("t4x1", tmp_path)
@@ -534,7 +536,7 @@ def test_a_failed_write_changes_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     def fail(path: Path, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sim_backend.state, "write_atomic", fail)
+    monkeypatch.setattr(sim_backend, "write_atomic", fail)
     with pytest.raises(HwError, match="No space left") as caught:
         backend.inject_gpu_lost(0)
 

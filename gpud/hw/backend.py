@@ -11,7 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from gpud.hw.types import GpuInfo, HwEvent, SystemInfo
+from gpud.hw.types import (
+    ComputeInstance,
+    GpuInfo,
+    GpuInstance,
+    GpuProcess,
+    HwEvent,
+    MigLayoutState,
+    MigState,
+    Placement,
+    SystemInfo,
+)
 
 EventSink = Callable[[HwEvent], None]
 
@@ -48,3 +58,43 @@ class FaultInjector(Protocol):
     def inject_xid(self, index: int, xid: int) -> HwEvent: ...
 
     def inject_gpu_lost(self, index: int) -> HwEvent: ...
+
+
+@runtime_checkable
+class MigBackend(Protocol):
+    """MIG control, with NVML's semantics and error kinds in both backends.
+
+    Every method that changes the GPU is one NVML mutation (the applier counts them):
+    ``set_mig_mode``, ``reset_gpu``, ``create_gpu_instance``, ``create_compute_instance``,
+    ``destroy_compute_instance``, ``destroy_gpu_instance``. Errors: IN_USE (processes or child
+    instances), INSUFFICIENT_RESOURCES (placement overlap, count exceeded), INVALID_ARGUMENT
+    (a placement the profile does not offer, an unknown profile ID), NOT_SUPPORTED (MIG off or not
+    capable), NOT_FOUND (no GPU or compute instance with that ID), NO_PERMISSION (not root).
+    """
+
+    def mig_state(self, index: int) -> MigLayoutState: ...
+
+    def set_mig_mode(self, index: int, enabled: bool) -> MigState:
+        """Request a mode; the returned state's ``pending`` differs from ``current`` until a reset
+        (Ampere). Refused with IN_USE while processes use the GPU."""
+        ...
+
+    def reset_gpu(self, index: int) -> MigState:
+        """Reset the GPU so a pending mode takes effect; instances do not survive it."""
+        ...
+
+    def create_gpu_instance(
+        self, index: int, profile_id: int, placement: Placement
+    ) -> GpuInstance: ...
+
+    def create_compute_instance(
+        self, index: int, gi_id: int, ci_profile_id: int
+    ) -> ComputeInstance: ...
+
+    def destroy_compute_instance(self, index: int, gi_id: int, ci_id: int) -> None: ...
+
+    def destroy_gpu_instance(self, index: int, gi_id: int) -> None: ...
+
+    def processes(self, index: int) -> tuple[GpuProcess, ...]:
+        """Compute processes on the GPU and on each of its MIG devices."""
+        ...

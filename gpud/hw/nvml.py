@@ -8,6 +8,9 @@ sets — stops here. Above this module a GPU is a :class:`~gpud.hw.types.GpuInfo
 A GPU that fell off the bus must not hide the healthy ones: ``gpus()`` lists it with ``lost=True``
 and whatever NVML could still tell (or what the previous call saw), and the event thread drops it
 from its event set so that the other boards keep reporting XIDs.
+
+MIG goes through NVML too (:class:`gpud.hw.backend.MigBackend`), with one exception: NVML cannot
+reset a GPU, so ``reset_gpu`` runs ``nvidia-smi -r`` as NVIDIA's mig-parted does.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import subprocess
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -26,14 +30,22 @@ from gpud.hw.backend import EventSink
 from gpud.hw.errors import BackendUnavailable, ErrorKind, HwError
 from gpud.hw.types import (
     MIG_UNSUPPORTED,
+    CiProfile,
+    ComputeInstance,
     EventKind,
+    GiProfile,
     GpuInfo,
+    GpuInstance,
+    GpuProcess,
     HwEvent,
+    MigLayoutState,
     MigMode,
     MigState,
     NvLinkPeer,
+    Placement,
     SystemInfo,
 )
+from gpud.mig.catalog import family_for
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +86,37 @@ XID_DOUBLE_BIT_ECC = 48
 _WANTED_EVENTS = pynvml.nvmlEventTypeXidCriticalError | pynvml.nvmlEventTypeDoubleBitEccError
 
 _PciKey = tuple[int, int, int]
+
+# NVML says to enumerate profile enums until INVALID_ARGUMENT; this only bounds a driver that never
+# says it (the header's COUNT grows between releases, so it is not used as the limit).
+_ENUM_LIMIT = 256
+
+# NVML names MIG profiles "MIG 1g.5gb"; mig-parted configs and the catalog say "1g.5gb".
+_MIG_NAME_PREFIX = "MIG "
+
+# nvidia-smi(1), RETURN VALUE: a failing nvidia-smi exits with the NVML return code of what failed
+# for these; anything else (255: "other error") is UNKNOWN.
+_SMI_EXIT_KINDS = frozenset(
+    {
+        ErrorKind.INVALID_ARGUMENT,
+        ErrorKind.NOT_SUPPORTED,
+        ErrorKind.NO_PERMISSION,
+        ErrorKind.NOT_FOUND,
+        ErrorKind.DRIVER_NOT_LOADED,
+        ErrorKind.LIBRARY_NOT_FOUND,
+        ErrorKind.FUNCTION_NOT_FOUND,
+        ErrorKind.GPU_IS_LOST,
+    }
+)
+
+CommandRunner = Callable[[Sequence[str], float], "subprocess.CompletedProcess[str]"]
+"""Runs a command (argv, timeout in seconds) and returns its exit status and output; injectable so
+tests can record the reset command instead of resetting a GPU."""
+
+
+def run_command(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` without a shell, capturing stdout and stderr as text."""
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def to_hw_error(err: pynvml.NVMLError, what: str) -> HwError:
@@ -137,6 +180,13 @@ def _bus_id(pci: Any) -> str:
     return pynvml.NVML_DEVICE_PCI_BUS_ID_FMT % (pci.domain, pci.bus, pci.device)
 
 
+def _kind_of(code: int) -> ErrorKind:
+    try:
+        return ErrorKind(code)
+    except ValueError:
+        return ErrorKind.UNKNOWN
+
+
 def _mig_state(modes: list[int] | None) -> MigState:
     if modes is None:
         return MIG_UNSUPPORTED
@@ -145,6 +195,231 @@ def _mig_state(modes: list[int] | None) -> MigState:
         return MigMode.ENABLED if value == pynvml.NVML_DEVICE_MIG_ENABLE else MigMode.DISABLED
 
     return MigState(mode(modes[0]), mode(modes[1]))
+
+
+# ---- MIG reading helpers ------------------------------------------------------------------------
+
+
+def _profile_name(raw: bytes | str) -> str:
+    """A profile name as mig-parted writes it: NVML's "MIG 1g.5gb" without the prefix."""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    return text.removeprefix(_MIG_NAME_PREFIX)
+
+
+def _enumerate_profiles(what: str, read: Callable[[int], T]) -> list[T]:
+    """NVML's enumeration rule for profile enums: ask 0, 1, ... until INVALID_ARGUMENT (past the
+    driver's last enum); NOT_SUPPORTED means this board lacks that one (or MIG is off)."""
+    found: list[T] = []
+    for enum in range(_ENUM_LIMIT):
+        try:
+            found.append(read(enum))
+        except pynvml.NVMLError as err:
+            if err.value == pynvml.NVML_ERROR_INVALID_ARGUMENT:
+                break
+            if err.value == pynvml.NVML_ERROR_NOT_SUPPORTED:
+                continue
+            raise to_hw_error(err, f"{what} {enum}") from err
+    return found
+
+
+def _gi_profile_infos(where: str, handle: Any) -> list[Any]:
+    """Every GPU-instance profile NVML describes, looked up by enum (the v2 struct has the name)."""
+    return _enumerate_profiles(
+        f"{where}: read GPU instance profile enum",
+        lambda enum: pynvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, enum, 2),
+    )
+
+
+def _placements(where: str, handle: Any, profile_id: int) -> tuple[Placement, ...]:
+    """Where NVML lets a GI of ``profile_id`` (the device profile ID) sit; asks the count first."""
+    what = f"{where}: read placements of GPU instance profile {profile_id}"
+    count = ctypes.c_uint(0)
+    read = pynvml.nvmlDeviceGetGpuInstancePossiblePlacements
+    _required(what, read, handle, profile_id, None, ctypes.byref(count))
+    if not count.value:
+        return ()
+    array = (pynvml.c_nvmlGpuInstancePlacement_t * count.value)()
+    _required(what, read, handle, profile_id, array, ctypes.byref(count))
+    return tuple(Placement(p.start, p.size) for p in array[: count.value])
+
+
+def _ci_profiles(where: str, gi_handle: Any) -> tuple[CiProfile, ...]:
+    """The compute-instance profiles of one GI; NVML answers these only for an existing GI."""
+    infos = _enumerate_profiles(
+        f"{where}: read compute instance profile enum",
+        lambda enum: pynvml.nvmlGpuInstanceGetComputeInstanceProfileInfo(
+            gi_handle, enum, pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED, 2
+        ),
+    )
+    profiles = (
+        CiProfile(
+            profile_id=info.id,
+            slices=info.sliceCount,
+            max_count=info.instanceCount,
+            name=_profile_name(info.name),
+        )
+        for info in infos
+    )
+    return tuple(sorted(profiles, key=lambda c: (c.slices, c.profile_id)))
+
+
+def _gpu_instance(where: str, gi_handle: Any) -> GpuInstance:
+    info = _required(f"{where}: read GPU instance", pynvml.nvmlGpuInstanceGetInfo, gi_handle)
+    placement = Placement(info.placement.start, info.placement.size)
+    return GpuInstance(gi_id=info.id, profile_id=info.profileId, placement=placement)
+
+
+def _gpu_instances(where: str, handle: Any, profile_id: int, max_count: int) -> list[Any]:
+    """Handles of the GIs of one profile; the array is sized by the profile's instance count, as
+    the header asks."""
+    if max_count <= 0:
+        return []
+    array = (pynvml.c_nvmlGpuInstance_t * max_count)()
+    count = ctypes.c_uint(0)
+    _required(
+        f"{where}: list GPU instances of profile {profile_id}",
+        pynvml.nvmlDeviceGetGpuInstances,
+        handle,
+        profile_id,
+        array,
+        ctypes.byref(count),
+    )
+    return list(array[: count.value])
+
+
+def _compute_instances(
+    where: str,
+    gi_handle: Any,
+    gi_id: int,
+    profiles: tuple[CiProfile, ...],
+    uuids: dict[tuple[int, int], str],
+) -> tuple[ComputeInstance, ...]:
+    found: list[ComputeInstance] = []
+    for profile in profiles:
+        if profile.max_count <= 0:
+            continue
+        array = (pynvml.c_nvmlComputeInstance_t * profile.max_count)()
+        count = ctypes.c_uint(0)
+        _required(
+            f"{where}: list compute instances of profile {profile.profile_id} in GPU instance "
+            f"{gi_id}",
+            pynvml.nvmlGpuInstanceGetComputeInstances,
+            gi_handle,
+            profile.profile_id,
+            array,
+            ctypes.byref(count),
+        )
+        for ci_handle in array[: count.value]:
+            info = _required(
+                f"{where}: read compute instance of GPU instance {gi_id}",
+                pynvml.nvmlComputeInstanceGetInfo,
+                ci_handle,
+            )
+            found.append(
+                ComputeInstance(
+                    ci_id=info.id,
+                    profile_id=info.profileId,
+                    slices=profile.slices or info.placement.size,
+                    start=info.placement.start,
+                    mig_uuid=_uuid_of(where, uuids, gi_id, info.id),
+                )
+            )
+    return tuple(sorted(found, key=lambda c: c.ci_id))
+
+
+def _uuid_of(where: str, uuids: dict[tuple[int, int], str], gi_id: int, ci_id: int) -> str:
+    uuid = uuids.get((gi_id, ci_id))
+    if uuid is None:
+        # Every CI is a MIG device; a missing one means the driver has not published it yet.
+        log.warning(
+            "%s: no MIG device for GPU instance %d, compute instance %d", where, gi_id, ci_id
+        )
+        return ""
+    return uuid
+
+
+@dataclass(frozen=True)
+class _MigDevice:
+    """A MIG device handle with the (GI, CI) it is and its UUID."""
+
+    handle: Any
+    gi_id: int
+    ci_id: int
+    uuid: str
+
+
+def _mig_devices(where: str, handle: Any) -> list[_MigDevice]:
+    """The MIG devices under a GPU; an index without one answers NOT_FOUND and is skipped."""
+    slots = _nvml(
+        f"{where}: count MIG devices",
+        pynvml.nvmlDeviceGetMaxMigDeviceCount,
+        handle,
+        absent=_ABSENT,
+        default=0,
+    )
+    devices: list[_MigDevice] = []
+    for slot in range(slots or 0):
+        what = f"{where}: MIG device {slot}"
+        try:
+            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except pynvml.NVMLError as err:
+            if err.value == pynvml.NVML_ERROR_NOT_FOUND:
+                continue
+            raise to_hw_error(err, f"{what}: get handle") from err
+        devices.append(
+            _MigDevice(
+                handle=mig,
+                gi_id=_required(
+                    f"{what}: read GPU instance ID", pynvml.nvmlDeviceGetGpuInstanceId, mig
+                ),
+                ci_id=_required(
+                    f"{what}: read compute instance ID", pynvml.nvmlDeviceGetComputeInstanceId, mig
+                ),
+                uuid=_required(f"{what}: read UUID", pynvml.nvmlDeviceGetUUID, mig),
+            )
+        )
+    return devices
+
+
+def _running(what: str, handle: Any) -> list[Any]:
+    """Compute processes on a GPU or MIG device handle; NOT_SUPPORTED means none can be listed."""
+    try:
+        return pynvml.nvmlDeviceGetComputeRunningProcesses_v3(handle)
+    except pynvml.NVMLError as err:
+        if err.value == pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:  # a driver older than _v3
+            return (
+                _nvml(what, pynvml.nvmlDeviceGetComputeRunningProcesses_v2, handle, absent=_ABSENT)
+                or []
+            )
+        if err.value == pynvml.NVML_ERROR_NOT_SUPPORTED:
+            return []
+        raise to_hw_error(err, what) from err
+
+
+def _process(info: Any, mig_uuid: str | None) -> GpuProcess:
+    used = info.usedGpuMemory  # None where the driver cannot tell (WDDM)
+    return GpuProcess(pid=info.pid, mig_uuid=mig_uuid, used_memory_mib=(used or 0) // _MIB)
+
+
+def _activation_error(where: str, enabled: bool, status: int) -> HwError:
+    """nvmlDeviceSetMigMode succeeded but could not activate the mode: it stays pending."""
+    target = "enabled" if enabled else "disabled"
+    if status == pynvml.NVML_ERROR_IN_USE:
+        return HwError(
+            ErrorKind.IN_USE,
+            f"{where}: MIG mode stays pending ({target}): the GPU is in use; stop what holds it "
+            "(CUDA processes, nvidia-persistenced, DCGM, monitoring agents) and reset the GPU",
+        )
+    if status == pynvml.NVML_ERROR_RESET_REQUIRED:
+        return HwError(
+            ErrorKind.RESET_REQUIRED,
+            f"{where}: MIG mode stays pending ({target}) until a GPU reset this platform does not "
+            "allow from here (a pass-through VM); reboot the VM",
+        )
+    return HwError(
+        _kind_of(status),
+        f"{where}: MIG mode {target} was not activated: {pynvml.NVMLError(status)}",
+    )
 
 
 @dataclass
@@ -181,14 +456,26 @@ class NvmlBackend:
 
     ``event_wait_ms`` bounds each ``nvmlEventSetWait`` so ``close()`` can stop the event thread
     within that time (NVML cannot interrupt a wait); it is also the idle wake-up interval.
+    ``command_runner`` runs ``nvidia-smi -r`` for :meth:`reset_gpu` (the only command this backend
+    runs), within ``reset_timeout_s``.
     """
 
     name = "nvml"
 
-    def __init__(self, *, event_wait_ms: int = 1000, retry_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        event_wait_ms: int = 1000,
+        retry_s: float = 1.0,
+        command_runner: CommandRunner = run_command,
+        reset_timeout_s: float = 120.0,
+    ) -> None:
         self._event_wait_ms = event_wait_ms
         self._retry_s = retry_s
+        self._run = command_runner
+        self._reset_timeout_s = reset_timeout_s
         self._open = False
+        self._released_for: str | None = None  # set while NVML is let go for a GPU reset
         self._lock = threading.Lock()
         # Last answer of gpus(), by index: what a board said before it was lost.
         self._last: dict[int, GpuInfo] = {}
@@ -234,6 +521,10 @@ class NvmlBackend:
 
     def _require_open(self) -> None:
         if not self._open:
+            if self._released_for is not None:
+                raise HwError(
+                    ErrorKind.UNINITIALIZED, f"NVML is released while {self._released_for} resets"
+                )
             raise HwError(ErrorKind.UNINITIALIZED, "the NVML backend is not open")
 
     # ---- facts ---------------------------------------------------------------------------------
@@ -416,6 +707,9 @@ class NvmlBackend:
     # ---- events --------------------------------------------------------------------------------
 
     def start_events(self, sink: EventSink) -> None:
+        self._start_events(sink, reported_lost=set())
+
+    def _start_events(self, sink: EventSink, reported_lost: set[str]) -> None:
         self._require_open()
         if self._thread is not None:
             raise RuntimeError("NVML events already started")
@@ -440,7 +734,7 @@ class NvmlBackend:
         self._event_set = event_set
         self._watched = watched
         self._sink = sink
-        self._reported_lost = set()
+        self._reported_lost = reported_lost
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._event_loop,
@@ -594,3 +888,249 @@ class NvmlBackend:
             sink(event)
         except Exception:
             log.exception("event sink failed on %s", event)
+
+    # ---- MIG -----------------------------------------------------------------------------------
+
+    def _device(self, index: int) -> tuple[str, Any]:
+        """A fresh handle: NVML may re-bind a board when its MIG mode changes or it is reset."""
+        self._require_open()
+        where = f"GPU {index}"
+        return where, _required(f"{where}: get handle", pynvml.nvmlDeviceGetHandleByIndex, index)
+
+    @staticmethod
+    def _read_mig_mode(where: str, handle: Any) -> MigState:
+        modes = _nvml(
+            f"{where}: read MIG mode", pynvml.nvmlDeviceGetMigMode, handle, absent=_ABSENT
+        )
+        return _mig_state(modes)
+
+    def mig_state(self, index: int) -> MigLayoutState:
+        """Mode, profiles and instances of one GPU, read from NVML.
+
+        Two facts NVML cannot give are taken from the catalog (:mod:`gpud.mig.catalog`, by PCI
+        device ID), so the planner can check a layout before anything is changed:
+
+        * while MIG is off NVML describes no GPU-instance profile (NOT_SUPPORTED), so the profiles
+          are the board family's from the catalog; read the state again once MIG is on, since the
+          driver's numbers (memory sizes, names) are the ones that count;
+        * compute-instance profiles are only answered for an existing GI, so a GI profile without
+          an instance gets its family's CI profiles from the catalog.
+
+        A board the catalog does not know gets no profiles in the first case and no CI profiles
+        in the second. Profiles come in ``nvidia-smi mig -lgip`` order (compute slices, memory
+        slices, profile ID), which is the catalog's too; GIs by ``gi_id``, CIs by ``ci_id``.
+        """
+        where, handle = self._device(index)
+        uuid = _required(f"{where}: read UUID", pynvml.nvmlDeviceGetUUID, handle)
+        pci = _required(f"{where}: read PCI info", pynvml.nvmlDeviceGetPciInfo, handle)
+        mode = self._read_mig_mode(where, handle)
+        layout = MigLayoutState(index, uuid, pci.pciDeviceId, mode, profiles=(), instances=())
+        if not mode.capable:
+            return layout
+        family = family_for(pci.pciDeviceId)
+        known = {p.profile_id: p for p in family.profiles} if family is not None else {}
+        infos = _gi_profile_infos(where, handle)
+        if not infos:
+            if mode.current is MigMode.ENABLED:
+                return layout
+            return dataclasses.replace(layout, profiles=family.profiles if family else ())
+
+        enabled = mode.current is MigMode.ENABLED
+        uuids = {(m.gi_id, m.ci_id): m.uuid for m in _mig_devices(where, handle)} if enabled else {}
+        instances: list[GpuInstance] = []
+        profiles: list[GiProfile] = []
+        for info in infos:
+            handles = _gpu_instances(where, handle, info.id, info.instanceCount) if enabled else []
+            if handles:
+                ci_profiles = _ci_profiles(where, handles[0])
+            else:
+                fallback = known.get(info.id)
+                ci_profiles = fallback.compute_profiles if fallback is not None else ()
+            for gi_handle in handles:
+                gi = _gpu_instance(where, gi_handle)
+                cis = _compute_instances(where, gi_handle, gi.gi_id, ci_profiles, uuids)
+                instances.append(dataclasses.replace(gi, compute_instances=cis))
+            placements = _placements(where, handle, info.id)
+            profiles.append(
+                GiProfile(
+                    profile_id=info.id,
+                    name=_profile_name(info.name),
+                    slices=info.sliceCount,
+                    memory_slices=placements[0].size if placements else 0,
+                    memory_mib=info.memorySizeMB,
+                    max_count=info.instanceCount,
+                    placements=placements,
+                    compute_profiles=ci_profiles,
+                )
+            )
+        return dataclasses.replace(
+            layout,
+            profiles=tuple(
+                sorted(profiles, key=lambda p: (p.slices, p.memory_slices, p.profile_id))
+            ),
+            instances=tuple(sorted(instances, key=lambda g: g.gi_id)),
+        )
+
+    def set_mig_mode(self, index: int, enabled: bool) -> MigState:
+        """``nvmlDeviceSetMigMode``, then the mode read back (pending on Ampere until a reset).
+
+        An activation status other than SUCCESS leaves the request pending and raises its kind:
+        IN_USE while something holds the board, RESET_REQUIRED where the platform cannot reset it.
+        """
+        where, handle = self._device(index)
+        mode = pynvml.NVML_DEVICE_MIG_ENABLE if enabled else pynvml.NVML_DEVICE_MIG_DISABLE
+        status = _required(f"{where}: set MIG mode", pynvml.nvmlDeviceSetMigMode, handle, mode)
+        if status != pynvml.NVML_SUCCESS:
+            raise _activation_error(where, enabled, status)
+        where, handle = self._device(index)  # the call may have re-bound the board
+        return self._read_mig_mode(where, handle)
+
+    def reset_gpu(self, index: int) -> MigState:
+        """Reset the GPU with ``nvidia-smi -r -i <bus id>`` (NVML has no reset call).
+
+        nvidia-smi refuses to reset a board any NVML client holds, gpud included, so NVML is let go
+        for the duration (as mig-parted shuts NVML down before its reset): the event thread stops
+        and other calls answer UNINITIALIZED until NVML is opened again and events restart. A GPU
+        that processes use is refused with IN_USE before anything is let go.
+        """
+        where, handle = self._device(index)
+        pci = _required(f"{where}: read PCI info", pynvml.nvmlDeviceGetPciInfo, handle)
+        bus_id = _bus_id(pci)
+        users = self.processes(index)
+        if users:
+            pids = ", ".join(str(p.pid) for p in users)
+            raise HwError(
+                ErrorKind.IN_USE, f"{where}: cannot reset: process(es) {pids} use it; stop them"
+            )
+        sink = self._sink if self._thread is not None else None
+        reported = set(self._reported_lost)
+        self.close()
+        self._released_for = where
+        try:
+            self._run_reset(where, bus_id)
+        finally:
+            self._released_for = None
+            self.open()
+            if sink is not None:
+                self._start_events(sink, reported_lost=reported)
+        where, handle = self._device(index)
+        return self._read_mig_mode(where, handle)
+
+    def _run_reset(self, where: str, bus_id: str) -> None:
+        argv = ["nvidia-smi", "-r", "-i", bus_id]
+        command = " ".join(argv)
+        try:
+            done = self._run(argv, self._reset_timeout_s)
+        except FileNotFoundError as err:
+            raise HwError(
+                ErrorKind.NOT_FOUND,
+                f"{where}: cannot reset: nvidia-smi not found; install the NVIDIA driver's "
+                "utilities (nvidia-utils-<driver version>)",
+            ) from err
+        except subprocess.TimeoutExpired as err:
+            raise HwError(
+                ErrorKind.TIMEOUT,
+                f"{where}: `{command}` did not finish within {self._reset_timeout_s:g} s",
+            ) from err
+        except OSError as err:
+            kind = (
+                ErrorKind.NO_PERMISSION
+                if isinstance(err, PermissionError)
+                else ErrorKind.OPERATING_SYSTEM
+            )
+            raise HwError(kind, f"{where}: cannot run `{command}`: {err}") from err
+        if done.returncode != 0:
+            kind = _kind_of(done.returncode)
+            output = (done.stderr or "").strip() or (done.stdout or "").strip() or "no output"
+            raise HwError(
+                kind if kind in _SMI_EXIT_KINDS else ErrorKind.UNKNOWN,
+                f"{where}: `{command}` failed (exit status {done.returncode}): {output}",
+            )
+
+    def create_gpu_instance(self, index: int, profile_id: int, placement: Placement) -> GpuInstance:
+        """``nvmlDeviceCreateGpuInstanceWithPlacement``; ``profile_id`` is the device profile ID."""
+        where, handle = self._device(index)
+        want = pynvml.c_nvmlGpuInstancePlacement_t(placement.start, placement.size)
+        gi = _required(
+            f"{where}: create GPU instance of profile {profile_id} at {placement}",
+            pynvml.nvmlDeviceCreateGpuInstanceWithPlacement,
+            handle,
+            profile_id,
+            ctypes.byref(want),
+        )
+        return _gpu_instance(where, gi)
+
+    def create_compute_instance(
+        self, index: int, gi_id: int, ci_profile_id: int
+    ) -> ComputeInstance:
+        """``nvmlGpuInstanceCreateComputeInstance``; ``ci_profile_id`` is the CI profile's
+        ``info.id``. The driver places the CI; its MIG device UUID is read back."""
+        where, handle = self._device(index)
+        gi = _required(
+            f"{where}: find GPU instance {gi_id}",
+            pynvml.nvmlDeviceGetGpuInstanceById,
+            handle,
+            gi_id,
+        )
+        ci = _required(
+            f"{where}: create compute instance of profile {ci_profile_id} in GPU instance {gi_id}",
+            pynvml.nvmlGpuInstanceCreateComputeInstance,
+            gi,
+            ci_profile_id,
+        )
+        info = _required(
+            f"{where}: read compute instance of GPU instance {gi_id}",
+            pynvml.nvmlComputeInstanceGetInfo,
+            ci,
+        )
+        slices = next(
+            (p.slices for p in _ci_profiles(where, gi) if p.profile_id == info.profileId),
+            info.placement.size,
+        )
+        uuids = {(m.gi_id, m.ci_id): m.uuid for m in _mig_devices(where, handle)}
+        return ComputeInstance(
+            ci_id=info.id,
+            profile_id=info.profileId,
+            slices=slices,
+            start=info.placement.start,
+            mig_uuid=_uuid_of(where, uuids, gi_id, info.id),
+        )
+
+    def destroy_compute_instance(self, index: int, gi_id: int, ci_id: int) -> None:
+        where, handle = self._device(index)
+        gi = _required(
+            f"{where}: find GPU instance {gi_id}",
+            pynvml.nvmlDeviceGetGpuInstanceById,
+            handle,
+            gi_id,
+        )
+        what = f"{where}: compute instance {ci_id} of GPU instance {gi_id}"
+        ci = _required(f"{what}: find", pynvml.nvmlGpuInstanceGetComputeInstanceById, gi, ci_id)
+        _required(f"{what}: destroy", pynvml.nvmlComputeInstanceDestroy, ci)
+
+    def destroy_gpu_instance(self, index: int, gi_id: int) -> None:
+        where, handle = self._device(index)
+        what = f"{where}: GPU instance {gi_id}"
+        gi = _required(f"{what}: find", pynvml.nvmlDeviceGetGpuInstanceById, handle, gi_id)
+        _required(f"{what}: destroy", pynvml.nvmlGpuInstanceDestroy, gi)
+
+    def processes(self, index: int) -> tuple[GpuProcess, ...]:
+        """Compute processes on the GPU and on each of its MIG devices.
+
+        In MIG mode the GPU handle answers the aggregate (each process tagged with its GI and CI
+        IDs) and each MIG device handle its own; both are asked, and a process is listed once per
+        device it runs on, with the MIG device's own numbers where it reports them.
+        """
+        where, handle = self._device(index)
+        devices = _mig_devices(where, handle)
+        by_ids = {(d.gi_id, d.ci_id): d.uuid for d in devices}
+        found: dict[tuple[int, str | None], GpuProcess] = {}
+        for info in _running(f"{where}: list compute processes", handle):
+            uuid = by_ids.get((info.gpuInstanceId, info.computeInstanceId))
+            found[(info.pid, uuid)] = _process(info, uuid)
+        for device in devices:
+            for info in _running(
+                f"{where}: list compute processes on {device.uuid}", device.handle
+            ):
+                found[(info.pid, device.uuid)] = _process(info, device.uuid)
+        return tuple(sorted(found.values(), key=lambda p: (p.pid, p.mig_uuid or "")))

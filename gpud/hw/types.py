@@ -120,3 +120,103 @@ class HwEvent:
     gi_id: int = NO_INSTANCE
     ci_id: int = NO_INSTANCE
     detail: str = field(default="", compare=False)
+
+
+# ---- MIG -------------------------------------------------------------------------------------
+# The shapes NVML reports for MIG. Profile facts are read from the backend at run time (NVML's
+# numbers change with the driver); nothing above hw/ hard-codes a profile table for a real GPU.
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Placement:
+    """A GPU instance's position in MEMORY-slice units, as NVML's placement struct has it."""
+
+    start: int
+    size: int
+
+    def overlaps(self, other: Placement) -> bool:
+        return self.start < other.start + other.size and other.start < self.start + self.size
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.size}"
+
+
+@dataclass(frozen=True, slots=True)
+class CiProfile:
+    """A compute-instance profile inside one GI profile (``info.id`` is what create takes)."""
+
+    profile_id: int
+    slices: int
+    max_count: int
+    # "1c.3g.20gb" for a partial CI; the GI's own name ("3g.20gb") for the CI spanning the GI.
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class GiProfile:
+    """A GPU-instance profile as NVML reports it on one GPU.
+
+    ``profile_id`` is ``nvmlGpuInstanceProfileInfo_t.id`` (19 for 1g.5gb on an A100), which the
+    create and placement calls take; it is not the NVML enum used to look the profile up.
+    """
+
+    profile_id: int
+    name: str
+    slices: int
+    memory_slices: int
+    memory_mib: int
+    max_count: int
+    placements: tuple[Placement, ...]
+    compute_profiles: tuple[CiProfile, ...] = ()
+
+    @property
+    def full_ci(self) -> CiProfile | None:
+        """The compute-instance profile spanning the whole GI (what "2g.10gb" means)."""
+        for ci in self.compute_profiles:
+            if ci.slices == self.slices:
+                return ci
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeInstance:
+    ci_id: int
+    profile_id: int
+    slices: int
+    # Start of the CI within its GI, in compute slices.
+    start: int
+    # The MIG device this CI is: "MIG-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx".
+    mig_uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInstance:
+    gi_id: int
+    profile_id: int
+    placement: Placement
+    compute_instances: tuple[ComputeInstance, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A process using a GPU; ``mig_uuid`` names the MIG device when it runs on one."""
+
+    pid: int
+    mig_uuid: str | None = None
+    used_memory_mib: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MigLayoutState:
+    """Everything the MIG planner needs to know about one GPU, read in one go.
+
+    ``profiles`` is empty for a GPU that cannot do MIG; for a MIG-capable GPU whose mode is off
+    the backend still reports the profiles the board supports (see the backends for how).
+    """
+
+    index: int
+    uuid: str
+    pci_device_id: int
+    mode: MigState
+    profiles: tuple[GiProfile, ...]
+    instances: tuple[GpuInstance, ...]

@@ -1,19 +1,31 @@
 """The ``sim`` backend: a catalog machine plus its remembered state, behind the Backend protocol.
 
 It answers like NVML does: calls before ``open`` or after ``close`` fail UNINITIALIZED, a lost GPU
-refuses further XIDs with GPU_IS_LOST, and a lost GPU stays lost across a daemon restart until
-:meth:`SimBackend.reset_gpu` (a real one until a reboot).
+refuses further XIDs and every MIG call with GPU_IS_LOST, and a lost GPU stays lost across a
+daemon restart until :meth:`SimBackend.reset_gpu` (a real one until a reset or reboot).
+
+MIG follows the driver's rules (:mod:`.mig`) with NVML's error kinds, so the MIG planner and
+applier can be proven without a GPU. Every MIG mutation is on disk before it returns, as the
+driver's state is the moment NVML returns: a gpud killed at any point restarts to exactly the
+layout that was acknowledged. Faults armed with :meth:`SimBackend.set_faults` (or
+:func:`write_faults` while gpud is stopped) make the n-th mutation fail or kill the process, and
+list processes that keep instances busy.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
+from gpud.atomic import write_atomic
 from gpud.hw.backend import EventSink
 from gpud.hw.errors import BackendUnavailable, ErrorKind, HwError
-from gpud.hw.sim import state
+from gpud.hw.sim import mig, state
 from gpud.hw.sim.machines import (
     CUDA_VERSION,
     DRIVER_VERSION,
@@ -21,8 +33,34 @@ from gpud.hw.sim.machines import (
     MachineSpec,
     parse_spec,
 )
-from gpud.hw.sim.state import GpuState
-from gpud.hw.types import EventKind, GpuInfo, HwEvent, NvLinkPeer, SystemInfo
+from gpud.hw.sim.state import GpuState, SimFaults, SimState
+from gpud.hw.types import (
+    MIG_UNSUPPORTED,
+    ComputeInstance,
+    EventKind,
+    GiProfile,
+    GpuInfo,
+    GpuInstance,
+    GpuProcess,
+    HwEvent,
+    MigLayoutState,
+    MigMode,
+    MigState,
+    NvLinkPeer,
+    Placement,
+    SystemInfo,
+)
+from gpud.mig.catalog import Family
+
+__all__ = ["SimBackend", "SimFaults", "describe", "power_cycle_state", "write_faults"]
+
+T = TypeVar("T")
+
+Processes = tuple[GpuProcess, ...]
+
+# A change to one GPU: (its state, its MIG family, the processes on it) -> (its new state, what the
+# call returns); raises HwError to refuse.
+Change = Callable[[GpuState, "Family | None", Processes], tuple[GpuState, T]]
 
 
 def describe(machine: MachineSpec, gpus: tuple[GpuState, ...]) -> list[GpuInfo]:
@@ -65,7 +103,8 @@ def _checked_index(index: int, count: int) -> int:
 
 
 class SimBackend:
-    """A simulated machine; also a :class:`gpud.hw.backend.FaultInjector`.
+    """A simulated machine; a :class:`gpud.hw.backend.FaultInjector` and a
+    :class:`gpud.hw.backend.MigBackend`.
 
     ``spec`` is parsed at construction (ValueError for an unknown machine), so a bad ``simulate:``
     fails while the config is read; the state file is touched only by ``open`` and mutations.
@@ -80,8 +119,13 @@ class SimBackend:
         self.machine = parse_spec(spec)
         self.state_path = state.state_file(state_dir, self.machine.spec)
         self._lock = threading.RLock()
-        self._gpus: tuple[GpuState, ...] | None = None
+        self._state: SimState | None = None
         self._sink: EventSink | None = None
+        self._families = state.families(self.machine)
+        # mig_state runs after every apply: the profile tables are looked up once, here.
+        self._profiles: tuple[tuple[GiProfile, ...], ...] = tuple(
+            () if family is None else family.profiles for family in self._families
+        )
 
     def open(self) -> None:
         """Load the machine's state, creating it (new UUIDs) only when there is no state file.
@@ -90,12 +134,12 @@ class SimBackend:
         give every GPU a new UUID behind kubelet's back, so moving it away is the operator's call.
         """
         with self._lock:
-            if self._gpus is None:
-                self._gpus = self._load()
+            if self._state is None:
+                self._state = self._load()
 
     def close(self) -> None:
         with self._lock:
-            self._gpus = None
+            self._state = None
             self._sink = None
 
     def system(self) -> SystemInfo:
@@ -105,7 +149,7 @@ class SimBackend:
 
     def gpus(self) -> list[GpuInfo]:
         with self._lock:
-            gpus = self._require_open()
+            gpus = self._require_open().gpus
         return describe(self.machine, gpus)
 
     def start_events(self, sink: EventSink) -> None:
@@ -113,12 +157,14 @@ class SimBackend:
             self._require_open()
             self._sink = sink
 
+    # ---- fault injection -----------------------------------------------------------------------
+
     def inject_xid(self, index: int, xid: int) -> HwEvent:
         """Raise XID ``xid`` on GPU ``index`` as the driver would; delivered before returning."""
         if xid <= 0:
             raise HwError(ErrorKind.INVALID_ARGUMENT, f"an XID is a positive integer, got {xid}")
         with self._lock:
-            gpus = self._require_open()
+            gpus = self._require_open().gpus
             gpu = gpus[_checked_index(index, len(gpus))]
             if gpu.lost:
                 raise HwError(
@@ -132,22 +178,188 @@ class SimBackend:
     def inject_gpu_lost(self, index: int) -> HwEvent:
         """Make GPU ``index`` fall off the bus; it stays lost, across restarts, until reset."""
         with self._lock:
-            uuid = self._set_lost(index, lost=True)
-            return self._deliver(HwEvent(EventKind.GPU_LOST, uuid, detail="injected"))
+            current = self._require_open()
+            index = _checked_index(index, len(current.gpus))
+            gpu = current.gpus[index]
+            if not gpu.lost:
+                self._commit(current.with_gpu(index, replace(gpu, lost=True)))
+            return self._deliver(HwEvent(EventKind.GPU_LOST, gpu.uuid, detail="injected"))
 
-    def reset_gpu(self, index: int) -> None:
-        """Bring a lost GPU back, as a GPU reset or reboot would."""
+    def set_faults(self, faults: SimFaults) -> None:
+        """Arm ``faults`` in place of any armed before; the mutation counts start now.
+
+        Persisted at once, so a test may arm them and then restart gpud. INVALID_ARGUMENT when a
+        count is negative (``crash_after`` must be at least 1) or a process names a GPU or MIG
+        device that does not exist.
+        """
         with self._lock:
-            self._set_lost(index, lost=False)
+            current = self._require_open()
+            problems = state.fault_problems(current.gpus, faults)
+            if problems:
+                raise HwError(ErrorKind.INVALID_ARGUMENT, "; ".join(problems))
+            self._commit(replace(current, faults=faults))
 
-    def _load(self) -> tuple[GpuState, ...]:
+    def faults(self) -> SimFaults:
+        """The armed faults, with the counts that remain."""
+        with self._lock:
+            return self._require_open().faults
+
+    def power_cycle(self) -> None:
+        """Power the machine off and on: pending MIG modes take effect, GPU and compute instances
+        vanish, processes end and lost GPUs come back; UUIDs stay.
+
+        Not an NVML call, so it is not counted as a mutation; armed fail/crash counts are kept.
+        """
+        with self._lock:
+            current = self._require_open()
+            gpus = tuple(
+                GpuState(gpu.uuid, MigState(gpu.mig.pending, gpu.mig.pending))
+                for gpu in current.gpus
+            )
+            self._commit(SimState(gpus, replace(current.faults, processes=())))
+
+    # ---- MIG -----------------------------------------------------------------------------------
+
+    def mig_state(self, index: int) -> MigLayoutState:
+        """The GPU's MIG mode, profiles and instances.
+
+        The profiles are reported also while MIG is off (real NVML describes none then) so that a
+        layout can be checked before the mode is changed; a GPU without MIG reports none.
+        """
+        with self._lock:
+            gpus = self._require_open().gpus
+            index = self._mig_index(index, gpus)
+            gpu = gpus[index]
+        slot = self.machine.gpus[index]
+        return MigLayoutState(
+            index, gpu.uuid, slot.model.pci_device_id, gpu.mig, self._profiles[index], gpu.instances
+        )
+
+    def processes(self, index: int) -> tuple[GpuProcess, ...]:
+        """The processes listed in the armed faults for this GPU (none unless a test lists some)."""
+        with self._lock:
+            current = self._require_open()
+            index = self._mig_index(index, current.gpus)
+            return current.faults.processes_on(index)
+
+    def set_mig_mode(self, index: int, enabled: bool) -> MigState:
+        def change(
+            gpu: GpuState, family: Family | None, processes: Processes
+        ) -> tuple[GpuState, MigState]:
+            mode = mig.set_mode(family, gpu.mig, gpu.instances, processes, enabled)
+            return replace(gpu, mig=mode), mode
+
+        return self._mutate(index, "set_mig_mode", change)
+
+    def reset_gpu(self, index: int) -> MigState:
+        """Reset GPU ``index``: a pending MIG mode takes effect, instances vanish, and a lost GPU
+        comes back (the one MIG call a lost GPU answers, since a reset is what cures it).
+
+        Refused with IN_USE while processes use the GPU, as ``nvidia-smi -r`` is.
+        """
+
+        def change(
+            gpu: GpuState, family: Family | None, processes: Processes
+        ) -> tuple[GpuState, MigState]:
+            mode = mig.reset(gpu.mig, processes)
+            return GpuState(gpu.uuid, mode), mode
+
+        return self._mutate(index, "reset_gpu", change, lost_ok=True)
+
+    def create_gpu_instance(self, index: int, profile_id: int, placement: Placement) -> GpuInstance:
+        def change(
+            gpu: GpuState, family: Family | None, _: Processes
+        ) -> tuple[GpuState, GpuInstance]:
+            instances, gi = mig.create_gpu_instance(
+                _mig_on(family, gpu), gpu.instances, profile_id, placement
+            )
+            return replace(gpu, instances=instances), gi
+
+        return self._mutate(index, "create_gpu_instance", change)
+
+    def create_compute_instance(
+        self, index: int, gi_id: int, ci_profile_id: int
+    ) -> ComputeInstance:
+        def change(
+            gpu: GpuState, family: Family | None, _: Processes
+        ) -> tuple[GpuState, ComputeInstance]:
+            uuid = mig.new_mig_uuid(self._all_mig_uuids())
+            instances, ci = mig.create_compute_instance(
+                _mig_on(family, gpu), gpu.instances, gi_id, ci_profile_id, uuid
+            )
+            return replace(gpu, instances=instances), ci
+
+        return self._mutate(index, "create_compute_instance", change)
+
+    def destroy_compute_instance(self, index: int, gi_id: int, ci_id: int) -> None:
+        def change(
+            gpu: GpuState, family: Family | None, processes: Processes
+        ) -> tuple[GpuState, None]:
+            instances = mig.destroy_compute_instance(gpu.instances, gi_id, ci_id, processes)
+            return replace(gpu, instances=instances), None
+
+        self._mutate(index, "destroy_compute_instance", change)
+
+    def destroy_gpu_instance(self, index: int, gi_id: int) -> None:
+        def change(
+            gpu: GpuState, family: Family | None, processes: Processes
+        ) -> tuple[GpuState, None]:
+            instances = mig.destroy_gpu_instance(gpu.instances, gi_id, processes)
+            return replace(gpu, instances=instances), None
+
+        self._mutate(index, "destroy_gpu_instance", change)
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _mutate(self, index: int, call: str, change: Change[T], *, lost_ok: bool = False) -> T:
+        """Apply one NVML mutation to GPU ``index``: check, persist, then adopt.
+
+        The order is NVML's: not initialised, bad index, lost GPU; then an armed ``fail_after``
+        that has run out fails the call (and is disarmed, on disk); then the driver's rules. A
+        successful mutation is written together with the decremented fault counts, so an armed
+        ``crash_after`` that fires is already disarmed in the file the restarted gpud reads.
+        """
+        with self._lock:
+            current = self._require_open()
+            index = _checked_index(index, len(current.gpus))
+            gpu = current.gpus[index]
+            if gpu.lost and not lost_ok:
+                raise _lost(index)
+            faults = current.faults
+            if faults.fail_after == 0:
+                self._commit(replace(current, faults=replace(faults, fail_after=None)))
+                raise HwError(
+                    ErrorKind.UNKNOWN,
+                    f"injected failure of {call} on GPU {index} (fail_after); nothing changed",
+                )
+            try:
+                updated, result = change(gpu, self._families[index], faults.processes_on(index))
+            except HwError as error:
+                raise HwError(error.kind, f"GPU {index}: {error.args[0]}") from None
+            faults, crash = faults.after_mutation()
+            self._commit(replace(current.with_gpu(index, updated), faults=faults))
+            if crash:
+                # A crash at the worst moment: the change is on disk, the caller never hears of it.
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+    def _mig_index(self, index: int, gpus: tuple[GpuState, ...]) -> int:
+        index = _checked_index(index, len(gpus))
+        if gpus[index].lost:
+            raise _lost(index)
+        return index
+
+    def _all_mig_uuids(self) -> list[str]:
+        return [u for gpu in self._require_open().gpus for u in mig.mig_uuids(gpu.instances)]
+
+    def _load(self) -> SimState:
         path = self.state_path
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            gpus = state.initial_state(self.machine)
-            self._save(gpus, BackendUnavailable)
-            return gpus
+            fresh = state.initial_state(self.machine)
+            self._save(fresh, BackendUnavailable)
+            return fresh
         except OSError as error:
             raise BackendUnavailable(
                 _os_error_kind(error), f"cannot read simulated GPU state {path}: {error}"
@@ -161,32 +373,61 @@ class SimBackend:
                 f"{self.machine.spec} afresh (its GPUs then get new UUIDs)",
             ) from error
 
-    def _save(self, gpus: tuple[GpuState, ...], error_type: type[HwError] = HwError) -> None:
+    def _save(self, sim: SimState, error_type: type[HwError] = HwError) -> None:
         try:
-            state.write_atomic(self.state_path, state.encode(self.machine, gpus))
+            write_atomic(self.state_path, state.encode(self.machine, sim))
         except OSError as error:
             raise error_type(
                 _os_error_kind(error),
                 f"cannot write simulated GPU state {self.state_path}: {error}",
             ) from error
 
-    def _require_open(self) -> tuple[GpuState, ...]:
-        if self._gpus is None:
-            raise HwError(ErrorKind.UNINITIALIZED, "the sim backend is not open; call open() first")
-        return self._gpus
+    def _commit(self, sim: SimState) -> None:
+        """Persist ``sim``, then adopt it: a failed write leaves memory and file agreeing."""
+        self._save(sim)
+        self._state = sim
 
-    def _set_lost(self, index: int, *, lost: bool) -> str:
-        """Mark GPU ``index`` lost or not and return its UUID; persisted first, then adopted, so a
-        failed write leaves memory and file agreeing."""
-        gpus = self._require_open()
-        index = _checked_index(index, len(gpus))
-        if gpus[index].lost != lost:
-            updated = (*gpus[:index], replace(gpus[index], lost=lost), *gpus[index + 1 :])
-            self._save(updated)
-            self._gpus = updated
-        return gpus[index].uuid
+    def _require_open(self) -> SimState:
+        if self._state is None:
+            raise HwError(ErrorKind.UNINITIALIZED, "the sim backend is not open; call open() first")
+        return self._state
 
     def _deliver(self, event: HwEvent) -> HwEvent:
         if self._sink is not None:
             self._sink(event)
         return event
+
+
+def _lost(index: int) -> HwError:
+    return HwError(ErrorKind.GPU_IS_LOST, f"GPU {index} is lost; reset it first")
+
+
+def _mig_on(family: Family | None, gpu: GpuState) -> Family:
+    """The family to create instances with; NOT_SUPPORTED unless MIG is currently enabled (a
+    pending enable is not enough, as on a real A100 before its reset)."""
+    if family is None or gpu.mig == MIG_UNSUPPORTED:
+        raise HwError(ErrorKind.NOT_SUPPORTED, "this GPU cannot do MIG")
+    if gpu.mig.current is not MigMode.ENABLED:
+        raise HwError(ErrorKind.NOT_SUPPORTED, f"MIG mode is {gpu.mig.describe()}, not enabled")
+    return family
+
+
+def _on_file(state_dir: Path, spec: str, action: Callable[[SimBackend], None]) -> None:
+    backend = SimBackend(spec, state_dir)
+    backend.open()
+    try:
+        action(backend)
+    finally:
+        backend.close()
+
+
+def write_faults(state_dir: Path, spec: str, faults: SimFaults) -> None:
+    """Arm ``faults`` in the state file of machine ``spec`` (created if missing), for a test to
+    call while gpud is stopped: two writers of one file would lose each other's changes."""
+    _on_file(state_dir, spec, lambda backend: backend.set_faults(faults))
+
+
+def power_cycle_state(state_dir: Path, spec: str) -> None:
+    """:meth:`SimBackend.power_cycle` on the state file of machine ``spec``, while gpud is stopped
+    (a reboot of the node, as a test stages it)."""
+    _on_file(state_dir, spec, lambda backend: backend.power_cycle())
