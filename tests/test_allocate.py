@@ -276,3 +276,46 @@ def test_control_device_paths() -> None:
         "/dev/nvidia-uvm-tools",
         "/dev/nvidia-modeset",
     )
+
+
+def mig_replica(visible: str, gpu: int, slot: int, gi: int, r: int) -> Device:
+    base = mig(visible, gpu, slot, gi)
+    return Device(
+        id=f"{visible}::{r}",
+        healthy=True,
+        numa_node=base.numa_node,
+        gpu_uuid=base.gpu_uuid,
+        visible_uuid=visible,
+        index=base.index,
+        device_paths=base.device_paths,
+        replica=r,
+    )
+
+
+SHARED_MIG = ResourceSet(
+    "nvidia.com/mig-1g.10gb",
+    tuple(
+        mig_replica(v, 0, s, gi, r) for v, s, gi in ((MIG_A, 1, 21), (MIG_B, 2, 30)) for r in (0, 1)
+    ),
+)
+
+
+def test_mig_replicas_map_back_to_the_mig_uuid_with_its_cap_nodes() -> None:
+    request = [f"{MIG_B}::1", f"{MIG_A}::0", f"{MIG_B}::0"]
+    got = container_allocation(
+        SHARED_MIG, request, cfg("envvar", "cdi-cri", pass_device_specs=True), ("/dev/nvidiactl",)
+    )
+    assert got.envs == {"NVIDIA_VISIBLE_DEVICES": f"{MIG_B},{MIG_A}"}
+    assert got.cdi_devices == (f"nvidia.com/gpu={MIG_B}", f"nvidia.com/gpu={MIG_A}")
+    assert [s.host_path for s in got.device_specs] == [
+        "/dev/nvidiactl",
+        "/dev/nvidia0",
+        "/dev/nvidia-caps/nvidia-cap30",
+        "/dev/nvidia-caps/nvidia-cap31",
+        "/dev/nvidia-caps/nvidia-cap21",
+        "/dev/nvidia-caps/nvidia-cap22",
+    ]
+    by_index = container_allocation(
+        SHARED_MIG, [f"{MIG_A}::1", f"{MIG_A}::0"], cfg("envvar", device_id_strategy="index")
+    )
+    assert by_index.envs == {"NVIDIA_VISIBLE_DEVICES": "0:1"}

@@ -8,10 +8,11 @@ health setting must not silently fall back to a default.
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 DEFAULT_IGNORED_XIDS: tuple[int, ...] = (13, 31, 43, 45, 68, 109)
@@ -46,6 +47,19 @@ class DeviceIDStrategy(str, enum.Enum):
     INDEX = "index"
 
 
+class MigStrategy(str, enum.Enum):
+    """How MIG devices are advertised, with the NVIDIA device plugin's meanings.
+
+    ``none``: every GPU is ``nvidia.com/gpu``, MIG devices are not advertised. ``single``: every
+    MIG device is ``nvidia.com/gpu`` (all GPUs must have MIG on, with one profile). ``mixed``: one
+    ``nvidia.com/mig-<profile>`` resource per profile beside ``nvidia.com/gpu`` for the rest.
+    """
+
+    NONE = "none"
+    SINGLE = "single"
+    MIXED = "mixed"
+
+
 class Paths(_Strict):
     state_dir: Path = Path("/var/lib/gpud")
     socket: Path = Path("/run/gpud/gpud.sock")
@@ -67,6 +81,10 @@ class DevicePlugin(_Strict):
     cdi_kind: str = "nvidia.com/gpu"
     # Add /dev/nvidia* DeviceSpecs to Allocate (for kubelet's static CPU manager).
     pass_device_specs: bool = False
+    mig_strategy: MigStrategy = MigStrategy.NONE
+    # An NVIDIA k8s-device-plugin config file (version v1) whose flags and sharing gpud adopts;
+    # see gpud.config.nvidia_plugin for which keys are used and how they combine with this file.
+    config_file: Path | None = None
 
     @field_validator("device_list_strategy", mode="before")
     @classmethod
@@ -101,6 +119,113 @@ class Health(_Strict):
         return value
 
 
+RESOURCE_PREFIX = "nvidia.com"
+# Kubernetes' limit for an extended resource name, which NVIDIA's plugin applies to the whole
+# "nvidia.com/<name>" string.
+MAX_RESOURCE_NAME_LENGTH = 63
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+
+
+def qualify_resource_name(name: str) -> str:
+    """``nvidia.com/<name>`` for ``name`` with or without the prefix, as NVIDIA's plugin reads it.
+
+    Raises ValueError when the result is not a resource name kubelet would accept from gpud.
+    """
+    prefix = f"{RESOURCE_PREFIX}/"
+    full = name if name.startswith(prefix) else prefix + name
+    short = full[len(prefix) :]
+    if "/" in short:
+        raise ValueError(f"only {RESOURCE_PREFIX} resources can be shared, got {name!r}")
+    if len(full) > MAX_RESOURCE_NAME_LENGTH:
+        raise ValueError(
+            f"fully-qualified resource name must be {MAX_RESOURCE_NAME_LENGTH} characters or "
+            f"less, {full!r} has {len(full)}"
+        )
+    if not _DNS1123_SUBDOMAIN.match(short):
+        raise ValueError(
+            f"resource name {full!r} is not valid: after '{prefix}' use lower-case letters, "
+            "digits, '-' and '.', starting and ending with a letter or digit"
+        )
+    return full
+
+
+class ReplicatedResource(_Strict):
+    """One ``sharing.timeSlicing.resources`` entry: every device of ``name`` becomes ``replicas``.
+
+    ``devices`` exists for compatibility with NVIDIA's schema; only ``all`` (its default) is
+    accepted, because replicating some GPUs of a resource and not others would give one resource
+    name two meanings.
+    """
+
+    name: str
+    rename: str | None = None
+    replicas: int = Field(ge=2)
+    devices: Literal["all"] = "all"
+
+    @field_validator("name", "rename")
+    @classmethod
+    def _qualified(cls, value: str | None) -> str | None:
+        return None if value is None else qualify_resource_name(value)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _all_only(cls, value: object) -> object:
+        if value != "all":
+            raise ValueError(
+                f"only 'all' is supported by gpud, got {value!r}: sharing some devices of a "
+                "resource (a count, indices or UUIDs) is not supported; remove 'devices'"
+            )
+        return value
+
+    def advertised_name(self, rename_by_default: bool) -> str:
+        """The resource the replicas are served as: ``rename``, else ``<name>.shared`` when
+        ``renameByDefault``, else ``name`` itself."""
+        if self.rename is not None:
+            return self.rename
+        return f"{self.name}.shared" if rename_by_default else self.name
+
+
+class TimeSlicing(_Strict):
+    """``sharing.timeSlicing``: the NVIDIA device plugin's ``ReplicatedResources``."""
+
+    rename_by_default: bool = False
+    # A container may take at most one replica (two replicas of one GPU are not twice the GPU).
+    fail_requests_greater_than_one: bool = False
+    resources: list[ReplicatedResource] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TimeSlicing:
+        names = [r.name for r in self.resources]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"resources listed more than once: {', '.join(twice)}")
+        targets = [r.advertised_name(self.rename_by_default) for r in self.resources]
+        clash = sorted({t for t in targets if targets.count(t) > 1})
+        if clash:
+            raise ValueError(f"several resources would be advertised as {', '.join(clash)}")
+        return self
+
+
+class Sharing(_Strict):
+    """``sharing``: how devices are shared between containers. Time-slicing only."""
+
+    time_slicing: TimeSlicing | None = None
+    # Present only so that its presence can be refused with a clear message.
+    mps: None = None
+
+    @field_validator("mps", mode="before")
+    @classmethod
+    def _no_mps(cls, value: object) -> object:
+        if value is not None:
+            raise ValueError(
+                "MPS sharing is not supported by gpud; use sharing.timeSlicing or remove "
+                "sharing.mps"
+            )
+        return value
+
+
 class Log(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -113,6 +238,7 @@ class Config(_Strict):
     paths: Paths = Field(default_factory=Paths)
     device_plugin: DevicePlugin = Field(default_factory=DevicePlugin, alias="devicePlugin")
     health: Health = Field(default_factory=Health)
+    sharing: Sharing = Field(default_factory=Sharing)
     log: Log = Field(default_factory=Log)
 
 

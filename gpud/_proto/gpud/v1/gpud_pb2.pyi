@@ -129,3 +129,117 @@ class ReloadConfigResponse(_message.Message):
     CONFIG_FILE_FIELD_NUMBER: _ClassVar[int]
     config_file: str
     def __init__(self, config_file: _Optional[str] = ...) -> None: ...
+
+class MigStep(_message.Message):
+    __slots__ = ("action", "gpu", "detail", "profile", "placement", "gi_id", "ci_id")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    GI_ID_FIELD_NUMBER: _ClassVar[int]
+    CI_ID_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    gpu: int
+    detail: str
+    profile: str
+    placement: str
+    gi_id: int
+    ci_id: int
+    def __init__(self, action: _Optional[str] = ..., gpu: _Optional[int] = ..., detail: _Optional[str] = ..., profile: _Optional[str] = ..., placement: _Optional[str] = ..., gi_id: _Optional[int] = ..., ci_id: _Optional[int] = ...) -> None: ...
+
+class ApplyMigLayoutRequest(_message.Message):
+    __slots__ = ("config_name", "config_yaml", "config_source", "dry_run", "force")
+    CONFIG_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    config_name: str
+    config_yaml: str
+    config_source: str
+    dry_run: bool
+    force: bool
+    def __init__(self, config_name: _Optional[str] = ..., config_yaml: _Optional[str] = ..., config_source: _Optional[str] = ..., dry_run: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class ApplyMigLayoutResponse(_message.Message):
+    __slots__ = ("result", "mutations", "plan", "message", "error_kind", "in_use_by")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    MUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_BY_FIELD_NUMBER: _ClassVar[int]
+    result: str
+    mutations: int
+    plan: _containers.RepeatedCompositeFieldContainer[MigStep]
+    message: str
+    error_kind: str
+    in_use_by: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, result: _Optional[str] = ..., mutations: _Optional[int] = ..., plan: _Optional[_Iterable[_Union[MigStep, _Mapping]]] = ..., message: _Optional[str] = ..., error_kind: _Optional[str] = ..., in_use_by: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetMigStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MigInstance(_message.Message):
+    __slots__ = ("gi_id", "ci_id", "profile", "placement", "mig_uuid")
+    GI_ID_FIELD_NUMBER: _ClassVar[int]
+    CI_ID_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    MIG_UUID_FIELD_NUMBER: _ClassVar[int]
+    gi_id: int
+    ci_id: int
+    profile: str
+    placement: str
+    mig_uuid: str
+    def __init__(self, gi_id: _Optional[int] = ..., ci_id: _Optional[int] = ..., profile: _Optional[str] = ..., placement: _Optional[str] = ..., mig_uuid: _Optional[str] = ...) -> None: ...
+
+class MigGpu(_message.Message):
+    __slots__ = ("index", "uuid", "name", "mode", "instances")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    uuid: str
+    name: str
+    mode: str
+    instances: _containers.RepeatedCompositeFieldContainer[MigInstance]
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., mode: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[MigInstance, _Mapping]]] = ...) -> None: ...
+
+class MigStateResponse(_message.Message):
+    __slots__ = ("gpus", "selected_config", "selected_source", "export_yaml", "last_apply", "last_error", "mig_strategy")
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_YAML_FIELD_NUMBER: _ClassVar[int]
+    LAST_APPLY_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MIG_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    gpus: _containers.RepeatedCompositeFieldContainer[MigGpu]
+    selected_config: str
+    selected_source: str
+    export_yaml: str
+    last_apply: str
+    last_error: str
+    mig_strategy: str
+    def __init__(self, gpus: _Optional[_Iterable[_Union[MigGpu, _Mapping]]] = ..., selected_config: _Optional[str] = ..., selected_source: _Optional[str] = ..., export_yaml: _Optional[str] = ..., last_apply: _Optional[str] = ..., last_error: _Optional[str] = ..., mig_strategy: _Optional[str] = ...) -> None: ...
+
+class InjectProcessRequest(_message.Message):
+    __slots__ = ("gpu_index", "pid", "mig_uuid", "remove")
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MIG_UUID_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    gpu_index: int
+    pid: int
+    mig_uuid: str
+    remove: bool
+    def __init__(self, gpu_index: _Optional[int] = ..., pid: _Optional[int] = ..., mig_uuid: _Optional[str] = ..., remove: _Optional[bool] = ...) -> None: ...
+
+class InjectProcessResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

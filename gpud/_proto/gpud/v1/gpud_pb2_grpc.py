@@ -59,6 +59,21 @@ class GpudStub:
                 request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ReloadConfigRequest.SerializeToString,
                 response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ReloadConfigResponse.FromString,
                 _registered_method=True)
+        self.ApplyMigLayout = channel.unary_unary(
+                '/gpud.v1.Gpud/ApplyMigLayout',
+                request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ApplyMigLayoutRequest.SerializeToString,
+                response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ApplyMigLayoutResponse.FromString,
+                _registered_method=True)
+        self.GetMigState = channel.unary_unary(
+                '/gpud.v1.Gpud/GetMigState',
+                request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetMigStateRequest.SerializeToString,
+                response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.MigStateResponse.FromString,
+                _registered_method=True)
+        self.InjectProcess = channel.unary_unary(
+                '/gpud.v1.Gpud/InjectProcess',
+                request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessRequest.SerializeToString,
+                response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessResponse.FromString,
+                _registered_method=True)
 
 
 class GpudServicer:
@@ -94,6 +109,24 @@ class GpudServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyMigLayout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMigState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InjectProcess(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GpudServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +154,21 @@ def add_GpudServicer_to_server(servicer, server):
                     servicer.ReloadConfig,
                     request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ReloadConfigRequest.FromString,
                     response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ReloadConfigResponse.SerializeToString,
+            ),
+            'ApplyMigLayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyMigLayout,
+                    request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ApplyMigLayoutRequest.FromString,
+                    response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ApplyMigLayoutResponse.SerializeToString,
+            ),
+            'GetMigState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMigState,
+                    request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetMigStateRequest.FromString,
+                    response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.MigStateResponse.SerializeToString,
+            ),
+            'InjectProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectProcess,
+                    request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessRequest.FromString,
+                    response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +306,87 @@ class Gpud:
             '/gpud.v1.Gpud/ReloadConfig',
             gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ReloadConfigRequest.SerializeToString,
             gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ReloadConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyMigLayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpud.v1.Gpud/ApplyMigLayout',
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ApplyMigLayoutRequest.SerializeToString,
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ApplyMigLayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMigState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpud.v1.Gpud/GetMigState',
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetMigStateRequest.SerializeToString,
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.MigStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpud.v1.Gpud/InjectProcess',
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessRequest.SerializeToString,
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""Talking to the local kubelet beyond the device-plugin API (PodResources)."""

@@ -1,0 +1,103 @@
+"""Who holds which device, from kubelet's PodResources API (v1 ``List``).
+
+gpud asks before it destroys MIG instances or otherwise takes a device away: a device kubelet has
+assigned to a running container must not vanish under it. The answer is keyed by device ID as
+kubelet knows it (a GPU UUID, a MIG UUID or a replica ``<uuid>::<n>``); :func:`users_of` folds
+replicas back onto the UUID they share, which is the unit MIG reconfiguration works on.
+
+Only device-plugin devices are read. Devices handed out through Dynamic Resource Allocation are
+not gpud's, and pod-level CPU and memory are irrelevant here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import grpc
+
+from gpud._proto.podresources.v1 import api_pb2, api_pb2_grpc
+
+# Replica IDs are "<uuid>::<n>", as gpud (gpud.resources.allocate) and NVIDIA's plugin make them.
+REPLICA_SEPARATOR = "::"
+
+# kubelet's own client allows 16 MiB responses; a busy node's List can exceed gRPC's 4 MiB default.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+_DIAL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+class PodResourcesUnavailable(Exception):
+    """kubelet's PodResources API could not be asked; ``missing`` when the socket is absent.
+
+    The caller decides what that means (refuse to reconfigure, or proceed on a node without
+    kubelet), so this is one exception type with a message an operator can act on.
+    """
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def user_name(pod: api_pb2.PodResources, container: api_pb2.ContainerResources) -> str:
+    return f"{pod.namespace}/{pod.name}/{container.name}"
+
+
+def device_users(response: api_pb2.ListPodResourcesResponse) -> dict[str, tuple[str, ...]]:
+    """Each device ID to the sorted, distinct "namespace/pod/container" strings holding it."""
+    users: dict[str, set[str]] = {}
+    for pod in response.pod_resources:
+        for container in pod.containers:
+            who = user_name(pod, container)
+            for devices in container.devices:
+                for device_id in devices.device_ids:
+                    users.setdefault(device_id, set()).add(who)
+    return {device_id: tuple(sorted(names)) for device_id, names in sorted(users.items())}
+
+
+async def list_device_users(socket: Path, timeout: float) -> dict[str, tuple[str, ...]]:
+    """Ask kubelet at ``socket`` which containers hold which devices (see :func:`device_users`).
+
+    Raises PodResourcesUnavailable when the socket does not exist (``missing`` set), or when
+    kubelet does not answer within ``timeout`` seconds or answers with an error.
+    """
+    if not socket.exists():
+        raise PodResourcesUnavailable(
+            f"kubelet's PodResources socket {socket} does not exist: kubelet is not running "
+            "on this node, or its root directory is elsewhere (set paths.podResourcesSocket)",
+            missing=True,
+        )
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{socket}", options=_DIAL_OPTIONS) as channel:
+            stub = api_pb2_grpc.PodResourcesListerStub(channel)
+            response = await stub.List(api_pb2.ListPodResourcesRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise PodResourcesUnavailable(
+            f"kubelet's PodResources API at {socket} did not answer List: "
+            f"{exc.code().name}: {exc.details()}"
+        ) from exc
+    return device_users(response)
+
+
+def base_uuid(device_id: str) -> str:
+    """``<uuid>`` for a replica ID ``<uuid>::<n>``; any other ID unchanged."""
+    return device_id.split(REPLICA_SEPARATOR, 1)[0]
+
+
+def users_of(
+    device_users: Mapping[str, Iterable[str]], uuids: Iterable[str]
+) -> dict[str, tuple[str, ...]]:
+    """For each of ``uuids`` (GPU or MIG UUIDs) that is in use, who uses it.
+
+    A replica ``<uuid>::<n>`` counts as a use of ``<uuid>``. UUIDs nobody uses are left out, so
+    an empty result means "safe to take away". Users are sorted and distinct.
+    """
+    wanted = dict.fromkeys(uuids)
+    found: dict[str, set[str]] = {}
+    for device_id, names in device_users.items():
+        uuid = base_uuid(device_id)
+        if uuid in wanted:
+            found.setdefault(uuid, set()).update(names)
+    return {uuid: tuple(sorted(found[uuid])) for uuid in wanted if found.get(uuid)}
