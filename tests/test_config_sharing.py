@@ -73,9 +73,9 @@ def sharing_yaml(*entries: str, extra: str = "") -> str:
 # ---- gpud.yaml ------------------------------------------------------------------------------
 
 
-def test_defaults_share_nothing_and_expose_no_mig() -> None:
+def test_defaults_share_nothing_and_advertise_mig_devices_by_profile() -> None:
     cfg = parse("version: v1\n")
-    assert cfg.device_plugin.mig_strategy is MigStrategy.NONE
+    assert cfg.device_plugin.mig_strategy is MigStrategy.MIXED
     assert cfg.device_plugin.config_file is None
     assert cfg.sharing == Sharing()
     assert cfg.sharing.time_slicing is None

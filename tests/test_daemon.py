@@ -270,6 +270,7 @@ def test_sigterm_withdraws_plugins_and_removes_sockets(node: Node) -> None:
 
 
 def test_uuids_are_stable_across_restarts(node: Node) -> None:
+    node.kubelet.wait_registered(GPU)
     before = node.uuids()
     assert node.gpud.terminate() == 0
     node.gpud.start()

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gpud.cli.validate import EXIT_FAILED, EXIT_INVALID, EXIT_OK, validate_config
@@ -67,6 +68,29 @@ def _parser() -> argparse.ArgumentParser:
     csub.add_parser("validate", help="check a config file").add_argument("file")
     csub.add_parser("reload", help="make gpud re-read its config file (needs root)")
 
+    mig = sub.add_parser("mig", help="MIG layouts (mig-parted's config format)")
+    msub = mig.add_subparsers(dest="mig_command", required=True, metavar="COMMAND")
+    apply = msub.add_parser("apply", help="partition the GPUs as a named layout says (root)")
+    apply.add_argument("-c", "--config-name", required=True, metavar="NAME", help="layout name")
+    apply.add_argument(
+        "-f", "--config-file", metavar="FILE", help="mig-parted config (default: gpud's layouts)"
+    )
+    apply.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    apply.add_argument(
+        "--force",
+        action="store_true",
+        help="destroy instances even while pods or processes use them",
+    )
+    _add_output(apply)
+    _add_output(msub.add_parser("show", help="MIG mode and instances of every GPU"))
+    export = msub.add_parser("export", help="the current layout as a mig-parted config")
+    export.add_argument(
+        "-o", "--output", choices=("yaml", "json"), default=argparse.SUPPRESS, help="default yaml"
+    )
+    validate = msub.add_parser("validate", help="check a mig-parted config file; exit 2 if invalid")
+    validate.add_argument("-f", "--config-file", required=True, metavar="FILE")
+    validate.add_argument("-c", "--config-name", metavar="NAME", help="also check this name exists")
+
     debug = sub.add_parser("debug", help="fault injection (simulated backend only)")
     gsub = debug.add_subparsers(dest="debug_command", required=True, metavar="COMMAND")
     xid = gsub.add_parser("inject-xid", help="raise an XID error on a simulated GPU")
@@ -74,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     xid.add_argument("--xid", type=int, required=True, metavar="N")
     lost = gsub.add_parser("inject-gpu-lost", help="make a simulated GPU fall off the bus")
     lost.add_argument("--gpu", type=int, required=True, metavar="INDEX")
+    proc = gsub.add_parser("inject-process", help="pretend a process uses a simulated GPU")
+    proc.add_argument("--gpu", type=int, required=True, metavar="INDEX")
+    proc.add_argument("--pid", type=int, required=True)
+    proc.add_argument("--mig", metavar="MIG-UUID", default="", help="on this MIG device")
+    proc.add_argument("--remove", action="store_true", help="the process has exited")
     return p
 
 
@@ -145,6 +174,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "config" and args.config_command == "reload":
         reply = _call(args.socket, lambda s: s.ReloadConfig, gpud_pb2.ReloadConfigRequest())
         print(f"reloaded {reply.config_file or 'built-in defaults'}")
+    elif args.command == "mig":
+        return _mig(args, fmt)
+    elif args.debug_command == "inject-process":
+        _call(
+            args.socket,
+            lambda s: s.InjectProcess,
+            gpud_pb2.InjectProcessRequest(
+                gpu_index=args.gpu, pid=args.pid, mig_uuid=args.mig, remove=args.remove
+            ),
+        )
+        verb = "no longer uses" if args.remove else "now uses"
+        print(f"pid {args.pid} {verb} GPU {args.gpu}{' ' + args.mig if args.mig else ''}")
     elif args.debug_command == "inject-xid":
         reply = _call(
             args.socket,
@@ -163,10 +204,83 @@ def _dispatch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Failure(f"cannot read {path}: {exc}", EXIT_INVALID) from None
+
+
+def _mig(args: argparse.Namespace, fmt: str) -> int:
+    from gpud._proto.gpud.v1 import gpud_pb2
+    from gpud.cli import output
+
+    if args.mig_command == "apply":
+        reply = _call(
+            args.socket,
+            lambda s: s.ApplyMigLayout,
+            gpud_pb2.ApplyMigLayoutRequest(
+                config_name=args.config_name,
+                config_yaml=_read_file(args.config_file) if args.config_file else "",
+                config_source=str(Path(args.config_file).resolve()) if args.config_file else "",
+                dry_run=args.dry_run,
+                force=args.force,
+            ),
+        )
+        data = output.apply_dict(reply)
+        print(output.render(data, fmt, output.apply_table(data)))
+        if reply.result != "failed":
+            return EXIT_OK
+        print(f"gpudctl: {reply.message}", file=sys.stderr)
+        return EXIT_INVALID if reply.error_kind == "invalid" else EXIT_FAILED
+    state = _call(args.socket, lambda s: s.GetMigState, gpud_pb2.GetMigStateRequest())
+    if args.mig_command == "export":
+        if getattr(args, "output", "yaml") == "json":
+            import json
+
+            import yaml
+
+            print(json.dumps(yaml.safe_load(state.export_yaml), indent=2))
+        else:
+            print(state.export_yaml.rstrip())
+        return EXIT_OK
+    data = output.mig_dict(state)
+    print(output.render(data, fmt, output.mig_table(data)))
+    return EXIT_OK
+
+
+def _validate_layouts(path: str, name: str | None) -> int:
+    """Local check of a mig-parted file: format, profile names, and that ``name`` exists.
+
+    Whether a layout fits the GPUs of a node is for that node's gpud to say:
+    ``gpudctl mig apply --dry-run``.
+    """
+    from gpud.mig.layout import LayoutError, parse
+
+    try:
+        config = parse(_read_file(path), path)
+    except LayoutError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    if name is not None and name not in config.names:
+        print(
+            f"{path}: no layout named {name!r}; it has {', '.join(config.names)}", file=sys.stderr
+        )
+        return EXIT_INVALID
+    print(f"{path}: valid, {len(config.names)} layouts")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "config" and args.config_command == "validate":
         return validate_config(args.file)
+    if args.command == "mig" and args.mig_command == "validate":
+        try:
+            return _validate_layouts(args.config_file, args.config_name)
+        except Failure as exc:
+            print(f"gpudctl: {exc}", file=sys.stderr)
+            return exc.code
     try:
         return _dispatch(args)
     except Failure as exc:

@@ -126,3 +126,94 @@ def render(data: object, fmt: str, as_table: str) -> str:
 
         return yaml.safe_dump(data, sort_keys=False).rstrip()
     return as_table
+
+
+def step_dict(step: gpud_pb2.MigStep) -> dict[str, Any]:
+    return {
+        "action": step.action,
+        "gpu": step.gpu,
+        "detail": step.detail,
+        "profile": step.profile,
+        "placement": step.placement,
+        "gi_id": None if step.gi_id < 0 else step.gi_id,
+        "ci_id": None if step.ci_id < 0 else step.ci_id,
+    }
+
+
+def apply_dict(reply: gpud_pb2.ApplyMigLayoutResponse) -> dict[str, Any]:
+    return {
+        "result": reply.result,
+        "mutations": reply.mutations,
+        "plan": [step_dict(s) for s in reply.plan],
+        "message": reply.message,
+        "error_kind": reply.error_kind,
+        "in_use_by": list(reply.in_use_by),
+    }
+
+
+def apply_table(data: dict[str, Any]) -> str:
+    lines = [f"{data['result']}: {data['mutations']} NVML mutations"]
+    if data["message"] and data["result"] != "failed":
+        lines.append(data["message"])
+    if data["plan"]:
+        verb = "plan" if data["result"] in ("planned", "failed") else "steps"
+        lines.append(f"{verb}:")
+        lines += [f"  GPU {s['gpu']}: {s['detail']}" for s in data["plan"]]
+    lines += [f"  in use: {who}" for who in data["in_use_by"]]
+    return "\n".join(lines)
+
+
+def mig_dict(state: gpud_pb2.MigStateResponse) -> dict[str, Any]:
+    return {
+        "selected_config": state.selected_config,
+        "selected_source": state.selected_source,
+        "mig_strategy": state.mig_strategy,
+        "last_apply": state.last_apply,
+        "last_error": state.last_error,
+        "gpus": [
+            {
+                "index": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "mode": g.mode,
+                "instances": [
+                    {
+                        "gi_id": i.gi_id,
+                        "ci_id": i.ci_id,
+                        "profile": i.profile,
+                        "placement": i.placement,
+                        "mig_uuid": i.mig_uuid,
+                    }
+                    for i in g.instances
+                ],
+            }
+            for g in state.gpus
+        ],
+    }
+
+
+def mig_table(data: dict[str, Any]) -> str:
+    selected = data["selected_config"] or "none"
+    lines = [
+        f"layout: {selected} ({data['selected_source'] or '-'}), strategy {data['mig_strategy']}"
+    ]
+    if data["last_apply"]:
+        last = f"last apply: {data['last_apply']}"
+        lines.append(last + (f" ({data['last_error']})" if data["last_error"] else ""))
+    rows = []
+    for g in data["gpus"]:
+        if not g["instances"]:
+            rows.append([g["index"], g["mode"], "", "", "", ""])
+        for i in g["instances"]:
+            rows.append(
+                [
+                    g["index"],
+                    g["mode"],
+                    i["profile"],
+                    f"{i['gi_id']}/{i['ci_id']}",
+                    i["placement"],
+                    i["mig_uuid"],
+                ]
+            )
+    lines += ["", table(["GPU", "MIG", "PROFILE", "GI/CI", "PLACEMENT", "MIG UUID"], rows)]
+    return "\n".join(lines)

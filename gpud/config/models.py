@@ -81,7 +81,9 @@ class DevicePlugin(_Strict):
     cdi_kind: str = "nvidia.com/gpu"
     # Add /dev/nvidia* DeviceSpecs to Allocate (for kubelet's static CPU manager).
     pass_device_specs: bool = False
-    mig_strategy: MigStrategy = MigStrategy.NONE
+    # mixed, unlike NVIDIA's plugin (none): under none a MIG-enabled GPU is advertised whole,
+    # which no container can use; on a node without MIG, mixed and none advertise the same.
+    mig_strategy: MigStrategy = MigStrategy.MIXED
     # An NVIDIA k8s-device-plugin config file (version v1) whose flags and sharing gpud adopts;
     # see gpud.config.nvidia_plugin for which keys are used and how they combine with this file.
     config_file: Path | None = None
@@ -226,6 +228,16 @@ class Sharing(_Strict):
         return value
 
 
+class Mig(_Strict):
+    """Where MIG layouts come from and which one a fresh node starts with."""
+
+    # A mig-parted config file (version v1, mig-configs); gpud's bundled layouts when unset.
+    config_file: Path | None = None
+    # Layout applied at start while no layout has been selected with `gpudctl mig apply` (the
+    # selection, kept in the state directory, wins from then on).
+    layout: str | None = None
+
+
 class Log(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -239,6 +251,7 @@ class Config(_Strict):
     device_plugin: DevicePlugin = Field(default_factory=DevicePlugin, alias="devicePlugin")
     health: Health = Field(default_factory=Health)
     sharing: Sharing = Field(default_factory=Sharing)
+    mig: Mig = Field(default_factory=Mig)
     log: Log = Field(default_factory=Log)
 
 

@@ -7,6 +7,7 @@ change the node need uid 0, checked against the kernel's view of the caller (see
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, NoReturn
 
 import grpc
@@ -15,10 +16,14 @@ from gpud import __version__
 from gpud._proto.gpud.v1 import gpud_pb2, gpud_pb2_grpc
 from gpud.config.load import ConfigError
 from gpud.daemon.gateway import Gateway, peer_uid
+from gpud.daemon.mig import Refused, read_selection
 from gpud.health import unhealthy_reason
 from gpud.hw.backend import FaultInjector
 from gpud.hw.errors import ErrorKind, HwError
 from gpud.hw.types import GpuInfo
+from gpud.mig.layout import export
+from gpud.mig.planner import Step
+from gpud.mig.store import StoreCorrupt
 
 if TYPE_CHECKING:
     from gpud.daemon.daemon import Daemon
@@ -36,7 +41,116 @@ async def _require_root(context: grpc.aio.ServicerContext, what: str) -> None:
         await _deny(context, what)
 
 
-class ControlServicer(gpud_pb2_grpc.GpudServicer):
+def _step_message(step: Step) -> gpud_pb2.MigStep:
+    return gpud_pb2.MigStep(
+        action=step.kind,
+        gpu=step.gpu,
+        detail=step.describe().partition(": ")[2],
+        profile=step.profile,
+        placement=str(step.placement) if step.placement is not None else "",
+        gi_id=-1 if step.gi_id is None else step.gi_id,
+        ci_id=-1 if step.ci_id is None else step.ci_id,
+    )
+
+
+class MigServicerMixin:
+    """The MIG calls of the control API; mixed into ControlServicer."""
+
+    daemon: Daemon
+
+    async def ApplyMigLayout(
+        self, request: gpud_pb2.ApplyMigLayoutRequest, context: grpc.aio.ServicerContext
+    ) -> gpud_pb2.ApplyMigLayoutResponse:
+        if not request.dry_run:
+            await _require_root(context, "mig apply")
+        mig = self.daemon.mig
+        if mig is None or self.daemon.backend_error:
+            reason = self.daemon.backend_error or "this backend cannot do MIG"
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"MIG unavailable: {reason}")
+        cfg = self.daemon.settings.config.mig
+        try:
+            selection = read_selection(
+                request.config_name, request.config_yaml, request.config_source, cfg.config_file
+            )
+        except Refused as exc:
+            return gpud_pb2.ApplyMigLayoutResponse(
+                result="failed", message=str(exc), error_kind=exc.kind
+            )
+        outcome = await mig.apply(selection, request.dry_run, request.force)
+        return gpud_pb2.ApplyMigLayoutResponse(
+            result=outcome.result,
+            mutations=outcome.mutations,
+            plan=[_step_message(s) for s in outcome.steps],
+            message=outcome.message,
+            error_kind=outcome.error_kind,
+            in_use_by=list(outcome.in_use_by),
+        )
+
+    async def GetMigState(
+        self, request: gpud_pb2.GetMigStateRequest, context: grpc.aio.ServicerContext
+    ) -> gpud_pb2.MigStateResponse:
+        d = self.daemon
+        reply = gpud_pb2.MigStateResponse(
+            mig_strategy=d.settings.config.device_plugin.mig_strategy.value
+        )
+        if d.mig is None:
+            return reply
+        states = await d.mig.read_states() if not d.backend_error else {}
+        names = {g.index: g.name for g in d.gpus}
+        for index, state in sorted(states.items()):
+            by_id = {p.profile_id: p for p in state.profiles}
+            gpu = reply.gpus.add(
+                index=index, uuid=state.uuid, name=names.get(index, ""), mode=state.mode.describe()
+            )
+            for gi in state.instances:
+                profile = by_id.get(gi.profile_id)
+                cis = {c.profile_id: c.name for c in profile.compute_profiles} if profile else {}
+                for ci in gi.compute_instances:
+                    gpu.instances.add(
+                        gi_id=gi.gi_id,
+                        ci_id=ci.ci_id,
+                        profile=cis.get(ci.profile_id, "?"),
+                        placement=str(gi.placement),
+                        mig_uuid=ci.mig_uuid,
+                    )
+        reply.export_yaml = export(list(states.values()))
+        try:
+            selection = d.mig.store.selection()
+            journal = d.mig.store.journal()
+        except StoreCorrupt as exc:
+            reply.last_error = str(exc)
+            return reply
+        if selection is not None:
+            reply.selected_config, reply.selected_source = selection.name, selection.source
+        if journal is not None:
+            reply.last_apply = f"{journal.status} ({journal.selection.name})"
+            reply.last_error = journal.error
+        return reply
+
+    async def InjectProcess(
+        self, request: gpud_pb2.InjectProcessRequest, context: grpc.aio.ServicerContext
+    ) -> gpud_pb2.InjectProcessResponse:
+        await _require_root(context, "debug inject-process")
+        from gpud.hw.sim.backend import SimBackend
+
+        backend = self.daemon.backend
+        if not isinstance(backend, SimBackend):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "fault injection needs the simulated backend (gpud run --simulate MACHINE)",
+            )
+        faults = backend.faults()
+        entry = (request.gpu_index, request.pid, request.mig_uuid or None)
+        others = tuple(p for p in faults.processes if p[:2] != entry[:2])
+        processes = others if request.remove else (*others, entry)
+        try:
+            backend.set_faults(dataclasses.replace(faults, processes=processes))
+        except HwError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return gpud_pb2.InjectProcessResponse()
+
+
+class ControlServicer(MigServicerMixin, gpud_pb2_grpc.GpudServicer):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from gpud import __version__
 from gpud.config.load import ConfigError
 from gpud.daemon.gateway import Gateway
+from gpud.daemon.mig import MigController, Node, Refused, read_selection
 from gpud.daemon.notify import Notifier
 from gpud.daemon.settings import Settings
 from gpud.deviceplugin.manager import PluginManager
@@ -27,11 +28,13 @@ from gpud.deviceplugin.plugin import PluginStatus
 from gpud.deviceplugin.servicer import Snapshot
 from gpud.deviceplugin.watcher import KubeletDirWatcher
 from gpud.health import XidPolicy, initial_reasons, unhealthy_reason
-from gpud.hw.backend import Backend
+from gpud.hw.backend import Backend, MigBackend
 from gpud.hw.errors import BackendUnavailable, HwError
-from gpud.hw.types import EventKind, GpuInfo, HwEvent, SystemInfo
+from gpud.hw.types import NO_INSTANCE, EventKind, GpuInfo, HwEvent, SystemInfo
+from gpud.mig.store import MigStore, StoreCorrupt
 from gpud.resources.allocate import CONTROL_DEVICE_PATHS
-from gpud.resources.gpus import resource_sets
+from gpud.resources.mig import caps_reader, mig_uuids_for_event
+from gpud.resources.sets import StrategyError, build_resource_sets
 from gpud.resources.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,20 @@ class Daemon:
         self._dirty = asyncio.Event()
         self._next_pass: asyncio.Future[None] | None = None
         self._stop = asyncio.Event()
+        # Physical GPUs whose devices are withdrawn from kubelet during a MIG layout change.
+        self.withdrawn: frozenset[str] = frozenset()
+        self.resource_error = ""
+        self._warned: tuple[str, ...] = ()
+        self._caps = caps_reader()
+        self.mig: MigController | None = None
+        if isinstance(backend, MigBackend):
+            node = Node(
+                gpus=lambda: self.gpus,
+                pod_resources_socket=lambda: self.settings.pod_resources_socket,
+                withdraw=self._withdraw,
+                refreshed=self._refresh_inventory,
+            )
+            self.mig = MigController(backend, MigStore(settings.config.paths.state_dir), node)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -77,6 +94,9 @@ class Daemon:
             self.settings.kubelet_dir, self._kubelet_started, self.manager.socket_removed
         )
         tasks = [loop.create_task(watcher.run()), loop.create_task(self._reconcile_loop())]
+        for warning in self.settings.warnings:
+            log.warning("%s", warning)
+        await self._recover_mig()
         await watcher.armed.wait()
         await self.reconcile()
         self.notifier.ready(self._status_line())
@@ -114,6 +134,33 @@ class Daemon:
             gpus = ()
         else:
             self.backend_error = ""
+        self._set_inventory(gpus)
+
+    async def _recover_mig(self) -> None:
+        """Bring MIG to the selected layout before the first advertisement (see MigController)."""
+        if self.mig is None or self.backend_error:
+            return
+        try:
+            await self.mig.read_states()
+            mig_cfg = self.settings.config.mig
+            configured = None
+            if mig_cfg.layout:
+                configured = read_selection(mig_cfg.layout, "", "", mig_cfg.config_file)
+            await self.mig.recover(configured)
+        except (StoreCorrupt, Refused, HwError) as exc:
+            log.error("MIG layout not restored at start: %s", exc)
+
+    async def _withdraw(self, gpu_uuids: frozenset[str]) -> None:
+        self.withdrawn = gpu_uuids
+        await self.reconcile()
+
+    async def _refresh_inventory(self) -> None:
+        """After a MIG change: the GPUs' MIG modes (and, after a reset, handles) are new."""
+        try:
+            gpus = tuple(await asyncio.to_thread(self.backend.gpus))
+        except HwError as exc:
+            log.error("cannot re-read the GPUs after a MIG change: %s", exc)
+            return
         self._set_inventory(gpus)
 
     def _set_inventory(self, gpus: tuple[GpuInfo, ...]) -> None:
@@ -154,10 +201,34 @@ class Daemon:
                     done.set_result(None)
 
     async def _reconcile_once(self) -> None:
-        cfg = self.settings.config.device_plugin
+        cfg = self.settings.config
+        unhealthy = dict(self.reasons)
+        for uuid in self.withdrawn:
+            unhealthy.setdefault(uuid, "withdrawn while its MIG layout changes")
+        states = self.mig.node.states if self.mig is not None else {}
+        try:
+            built = build_resource_sets(
+                self.gpus,
+                states,
+                unhealthy,
+                cfg.device_plugin.mig_strategy,
+                cfg.sharing,
+                self._caps,
+            )
+        except StrategyError as exc:
+            # Keep advertising what kubelet has: taking everything away is worse than a stale set.
+            if str(exc) != self.resource_error:
+                log.error("cannot advertise this node's devices: %s", exc)
+            self.resource_error = str(exc)
+            return
+        self.resource_error = ""
+        if built.warnings != self._warned:
+            for warning in built.warnings:
+                log.warning("%s", warning)
+            self._warned = built.warnings
         snapshots = {
-            rs.resource: Snapshot(rs, self._topology, cfg, self._control_devices)
-            for rs in resource_sets(self.gpus, self.reasons)
+            rs.resource: Snapshot(rs, self._topology, cfg.device_plugin, self._control_devices)
+            for rs in built.sets
         }
         await self.manager.apply(snapshots)
         self.notifier.status(self._status_line())
@@ -188,7 +259,13 @@ class Daemon:
             log.warning("event for unknown GPU: %s", reason, extra=extra)
             return None
         log.error("GPU unhealthy: %s", reason, extra=extra)
-        self.reasons[event.uuid] = reason
+        targets: tuple[str, ...] = (event.uuid,)
+        gpu = next(g for g in self.gpus if g.uuid == event.uuid)
+        state = self.mig.node.states.get(gpu.index) if self.mig is not None else None
+        if state is not None and event.gi_id != NO_INSTANCE:
+            targets = mig_uuids_for_event(state, event.gi_id, event.ci_id) or targets
+        for uuid in targets:
+            self.reasons[uuid] = reason
         if event.kind is EventKind.GPU_LOST:
             self.gpus = tuple(
                 dataclasses.replace(g, lost=True) if g.uuid == event.uuid else g for g in self.gpus
@@ -197,20 +274,30 @@ class Daemon:
         return reason
 
     async def set_healthy(self, uuid: str) -> GpuInfo:
+        """Return a GPU (with all its MIG devices) or one MIG device to service."""
         gpu = self.gpu_by_uuid(uuid)
         if gpu.lost:
             raise LookupError(
-                f"GPU {gpu.index} ({uuid}) is lost to NVML; reset it or reboot, then try again"
+                f"GPU {gpu.index} ({gpu.uuid}) is lost to NVML; reset it or reboot, then try again"
             )
-        if self.reasons.pop(uuid, None) is not None:
-            log.info("GPU returned to service by the operator", extra={"GPU_UUID": uuid})
+        cleared = {uuid}
+        if uuid == gpu.uuid and self.mig is not None and gpu.index in self.mig.node.states:
+            state = self.mig.node.states[gpu.index]
+            cleared |= {ci.mig_uuid for gi in state.instances for ci in gi.compute_instances}
+        if any(self.reasons.pop(u, None) is not None for u in sorted(cleared)):
+            log.info("returned to service by the operator", extra={"GPU_UUID": uuid})
         await self.reconcile()
         return gpu
 
     def gpu_by_uuid(self, uuid: str) -> GpuInfo:
+        """The physical GPU of a GPU or MIG UUID; KeyError when neither is on this node."""
         for gpu in self.gpus:
             if gpu.uuid == uuid:
                 return gpu
+        states = self.mig.node.states if self.mig is not None else {}
+        for index, state in states.items():
+            if any(ci.mig_uuid == uuid for gi in state.instances for ci in gi.compute_instances):
+                return next(g for g in self.gpus if g.index == index)
         raise KeyError(uuid)
 
     async def reload(self) -> Path | None:
@@ -233,7 +320,8 @@ class Daemon:
                 log.warning(
                     "%s changed (%s -> %s): takes effect after a restart", what, before, after
                 )
-        self.settings = Settings(
+        self.settings = dataclasses.replace(
+            fresh,
             config=fresh.config.model_copy(
                 update={
                     "backend": old.config.backend,
@@ -241,15 +329,17 @@ class Daemon:
                     "paths": old.config.paths,
                 }
             ),
-            config_file=fresh.config_file,
             kubelet_dir=old.kubelet_dir,
             kubelet_reason=old.kubelet_reason,
-            reload=fresh.reload,
+            pod_resources_socket=old.pod_resources_socket,
         )
+        for warning in fresh.warnings:
+            log.warning("%s", warning)
         self.policy = XidPolicy.from_config(self.settings.config.health)
         if self.backend_error:
             self.backend.close()
             self._open_backend()
+            await self._recover_mig()
         await self.reconcile()
         self.notifier.reloaded(self._status_line())
         log.info("configuration reloaded from %s", fresh.config_file or "defaults")

@@ -13,6 +13,7 @@ from pathlib import Path
 from gpud.config import kubelet
 from gpud.config.load import DEFAULT_CONFIG_PATH, load
 from gpud.config.models import BackendKind, Config
+from gpud.config.nvidia_plugin import apply_config_file
 
 
 @dataclass(frozen=True)
@@ -54,24 +55,28 @@ class Settings:
     config_file: Path | None
     kubelet_dir: Path
     kubelet_reason: str
+    pod_resources_socket: Path
+    # What the daemon should log once: keys of an NVIDIA plugin config that gpud ignores, etc.
+    warnings: tuple[str, ...]
     reload: Callable[[], Settings]
 
 
 def resolve(config_file: Path | None, overrides: Overrides) -> Settings:
     """Load, override and complete the configuration; raises ConfigError for a bad file."""
-    cfg = overrides.apply(load(config_file))
+    cfg, warnings = apply_config_file(overrides.apply(load(config_file)))
     source = config_file
     if source is None and DEFAULT_CONFIG_PATH.exists():
         source = DEFAULT_CONFIG_PATH
+    found = kubelet.detect()
+    kubelet_dir, reason = found.device_plugin_dir, found.reason
     if cfg.paths.kubelet_dir is not None:
         kubelet_dir, reason = cfg.paths.kubelet_dir, "configured"
-    else:
-        found = kubelet.detect()
-        kubelet_dir, reason = found.device_plugin_dir, found.reason
     return Settings(
         config=cfg,
         config_file=source,
         kubelet_dir=kubelet_dir,
         kubelet_reason=reason,
+        pod_resources_socket=cfg.paths.pod_resources_socket or found.pod_resources_socket,
+        warnings=warnings,
         reload=lambda: resolve(config_file, overrides),
     )

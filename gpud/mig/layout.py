@@ -413,11 +413,14 @@ def load(path: Path) -> LayoutFile:
     return parse(text, str(path))
 
 
-def bundled() -> LayoutFile:
+def bundled_text() -> str:
     """The named layouts shipped with gpud (``gpud/mig/layouts.yaml``, made by
     scripts/gen-mig-layouts from the profile catalog)."""
-    text = resources.files("gpud.mig").joinpath("layouts.yaml").read_text(encoding="utf-8")
-    return parse(text, "gpud/mig/layouts.yaml")
+    return resources.files("gpud.mig").joinpath("layouts.yaml").read_text(encoding="utf-8")
+
+
+def bundled() -> LayoutFile:
+    return parse(bundled_text(), "gpud/mig/layouts.yaml")
 
 
 # ---- selection ----------------------------------------------------------------------------------
