@@ -12,42 +12,18 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.support.kubelet import HEALTHY, UNHEALTHY, FakeKubelet
+from tests.support.kubelet import HEALTHY, UNHEALTHY
+from tests.support.node import Node, make_node
 from tests.support.process import GpudProcess
 
 pytestmark = pytest.mark.integration
 
 GPU = "nvidia.com/gpu"
-
-
-@dataclass
-class Node:
-    root: Path
-    kubelet: FakeKubelet
-    gpud: GpudProcess
-
-    def gpudctl(self, *args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "gpud.cli.gpudctl", "--socket", str(self.gpud.socket), *args]
-        if user is not None:
-            argv = ["setpriv", f"--reuid={user}", "--regid=0", "--clear-groups", *argv]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-
-    def uuids(self) -> list[str]:
-        return [g.uuid for g in self.gpud.status().gpus]
-
-
-def make_node(root: Path, spec: str = "dgx-a100", extra: tuple[str, ...] = ()) -> Node:
-    kubelet = FakeKubelet(root / "kubelet")
-    gpud = GpudProcess(
-        spec, root / "kubelet", root / "state", root / "gpud.sock", extra, log_dir=root / "log"
-    )
-    return Node(root, kubelet, gpud)
 
 
 @pytest.fixture

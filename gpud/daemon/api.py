@@ -95,7 +95,7 @@ class MigServicerMixin:
         )
         if d.mig is None:
             return reply
-        states = await d.mig.read_states() if not d.backend_error else {}
+        states = await d.mig.current_states() if not d.backend_error else {}
         names = {g.index: g.name for g in d.gpus}
         for index, state in sorted(states.items()):
             by_id = {p.profile_id: p for p in state.profiles}

@@ -138,7 +138,10 @@ class Daemon:
 
     async def _recover_mig(self) -> None:
         """Bring MIG to the selected layout before the first advertisement (see MigController)."""
-        if self.mig is None or self.backend_error:
+        if self.mig is None:
+            return
+        if self.backend_error:
+            self.mig.recovered.set()
             return
         try:
             await self.mig.read_states()
@@ -149,6 +152,8 @@ class Daemon:
             await self.mig.recover(configured)
         except (StoreCorrupt, Refused, HwError) as exc:
             log.error("MIG layout not restored at start: %s", exc)
+        finally:
+            self.mig.recovered.set()
 
     async def _withdraw(self, gpu_uuids: frozenset[str]) -> None:
         self.withdrawn = gpu_uuids
@@ -201,6 +206,8 @@ class Daemon:
                     done.set_result(None)
 
     async def _reconcile_once(self) -> None:
+        if self.mig is not None and not self.mig.recovered.is_set():
+            return  # nothing is advertised before the MIG layout is restored (see run)
         cfg = self.settings.config
         unhealthy = dict(self.reasons)
         for uuid in self.withdrawn:

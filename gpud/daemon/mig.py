@@ -149,6 +149,9 @@ class MigController:
         self.store = store
         self.node = node
         self._lock = asyncio.Lock()
+        # Set once start-up recovery is over: MIG calls from the control API wait for it, so
+        # nobody sees (or changes) a layout that is still being restored.
+        self.recovered = asyncio.Event()
 
     async def read_states(self) -> dict[int, MigLayoutState]:
         """Read the MIG state of every MIG-capable GPU (in a thread: NVML blocks)."""
@@ -164,6 +167,16 @@ class MigController:
         return self.node.states
 
     async def apply(self, selection: Selection, dry_run: bool, force: bool) -> Outcome:
+        await self.recovered.wait()
+        return await self._apply_locked(selection, dry_run, force)
+
+    async def current_states(self) -> dict[int, MigLayoutState]:
+        """The MIG states as they are between applies (never half-way through one)."""
+        await self.recovered.wait()
+        async with self._lock:
+            return await self.read_states()
+
+    async def _apply_locked(self, selection: Selection, dry_run: bool, force: bool) -> Outcome:
         async with self._lock:
             try:
                 return await self._apply(selection, dry_run, force)
@@ -179,6 +192,10 @@ class MigController:
         if not steps:
             if not dry_run:
                 self.store.select(selection)
+                journal = self.store.journal()
+                if journal is not None and journal.status == "running":
+                    # Died after its last mutation: the GPUs are done, only the record is not.
+                    self.store.record(dataclasses.replace(journal, status="done"))
             return Outcome("unchanged", message=f"layout {selection.name!r} is already applied")
         if dry_run:
             return Outcome("planned", steps=steps, message=f"{len(steps)} NVML calls needed")
@@ -300,6 +317,12 @@ class MigController:
     async def recover(self, configured: Selection | None) -> None:
         """At start, before anything is advertised: finish an interrupted apply, or recreate the
         selected layout (instances do not survive a reboot), or apply the configured one."""
+        try:
+            await self._recover(configured)
+        finally:
+            self.recovered.set()
+
+    async def _recover(self, configured: Selection | None) -> None:
         journal = self.store.journal()
         if journal is not None and journal.status == "running":
             log.warning(
@@ -308,13 +331,13 @@ class MigController:
                 journal.next_step + 1,
                 len(journal.steps),
             )
-            outcome = await self.apply(journal.selection, dry_run=False, force=True)
+            outcome = await self._apply_locked(journal.selection, dry_run=False, force=True)
             self._log_outcome("resumed apply", outcome)
             return
         selection = self.store.selection() or configured
         if selection is None:
             return
-        outcome = await self.apply(selection, dry_run=False, force=False)
+        outcome = await self._apply_locked(selection, dry_run=False, force=False)
         self._log_outcome(f"layout {selection.name!r} at start", outcome)
 
     @staticmethod

@@ -1,0 +1,45 @@
+"""A node under test: gpud as a real process beside a fake kubelet, and gpudctl to drive it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support.kubelet import FakeKubelet
+from tests.support.process import GpudProcess
+
+
+@dataclass
+class Node:
+    root: Path
+    kubelet: FakeKubelet
+    gpud: GpudProcess
+
+    def gpudctl(self, *args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "gpud.cli.gpudctl", "--socket", str(self.gpud.socket), *args]
+        if user is not None:
+            argv = ["setpriv", f"--reuid={user}", "--regid=0", "--clear-groups", *argv]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    def uuids(self) -> list[str]:
+        return [g.uuid for g in self.gpud.status().gpus]
+
+    def mig(self, *args: str) -> tuple[int, dict[str, Any]]:
+        """``gpudctl mig ARGS -o json``: exit code and the parsed answer."""
+        out = self.gpudctl("mig", *args, "-o", "json")
+        try:
+            return out.returncode, json.loads(out.stdout)
+        except ValueError:
+            raise AssertionError(f"not JSON: {out.stdout!r} {out.stderr!r}") from None
+
+
+def make_node(root: Path, spec: str = "dgx-a100", extra: tuple[str, ...] = ()) -> Node:
+    kubelet = FakeKubelet(root / "kubelet")
+    gpud = GpudProcess(
+        spec, root / "kubelet", root / "state", root / "gpud.sock", extra, log_dir=root / "log"
+    )
+    return Node(root, kubelet, gpud)
