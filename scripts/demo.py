@@ -3,8 +3,8 @@
 It starts ``gpud run --simulate …`` as a real process and plays kubelet's device manager
 (tests/support/kubelet.py) against it: registration, the device list, a topology-aware
 preferred allocation, an allocation, an XID error taking one GPU out of service, the operator
-putting it back, and a kubelet restart. Everything happens over real unix sockets in a temporary
-directory; nothing on the machine is changed.
+putting it back, a kubelet restart, and MIG partitioning with a layout change. Everything
+happens over real unix sockets in a temporary directory; nothing on the machine is changed.
 """
 
 from __future__ import annotations
@@ -88,6 +88,17 @@ def main() -> int:
         kubelet.restart()
         reg = kubelet.wait_registered(GPU, count=2)
         print(f"re-registered {(reg.at - t0) * 1000:.1f} ms after kubelet began its restart")
+
+        if any(g.mig_mode != "unsupported" for g in gpud.status().gpus):
+            say("the operator partitions every GPU with MIG (mig-parted's all-1g.5gb layout)")
+            gpudctl(gpud.socket, "mig", "apply", "-c", "all-1g.5gb")
+            mig = kubelet.wait_devices("nvidia.com/mig-1g.5gb", lambda d: len(d) > 0)
+            print(f"kubelet now sees {len(mig)} nvidia.com/mig-1g.5gb devices, no restart")
+            say("applying it again changes nothing")
+            gpudctl(gpud.socket, "mig", "apply", "-c", "all-1g.5gb")
+            say("moving to all-balanced keeps the instances that can stay")
+            gpudctl(gpud.socket, "mig", "apply", "-c", "all-balanced")
+            gpudctl(gpud.socket, "mig", "show")
 
         if args.keep:
             say(f"gpud keeps running: gpudctl --socket {gpud.socket} status; Ctrl-C to stop")

@@ -328,3 +328,25 @@ def test_rename_by_default_advertises_gpu_shared(short_tmp: Path, nodes: list[No
     with pytest.raises(grpc.RpcError) as err:
         node.kubelet.allocate("nvidia.com/gpu.shared", two)
     assert "maximum request size for shared resources is 1" in err.value.details()
+
+
+def test_devices_are_withdrawn_from_kubelet_before_the_first_mutation(
+    short_tmp: Path, nodes: list[Node]
+) -> None:
+    node = start(short_tmp, "a100-40gb:2")
+    nodes.append(node)
+    assert node.mig("apply", "-c", "all-1g.5gb")[0] == 0
+    node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 14)
+    seen: list[dict[str, str]] = []
+
+    def record(resource: str, at: float) -> None:
+        if resource == MIG_1G:
+            seen.append({i: d.health for i, d in node.kubelet.devices(resource).items()})
+
+    node.kubelet.on_update = record
+    assert node.mig("apply", "-c", "all-balanced")[0] == 0
+    node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 4)
+    # First message: the old layout, whole, every device Unhealthy (nothing destroyed yet);
+    # last: the new layout, healthy.
+    assert len(seen[0]) == 14 and set(seen[0].values()) == {"Unhealthy"}
+    assert len(seen[-1]) == 4 and set(seen[-1].values()) == {HEALTHY}
