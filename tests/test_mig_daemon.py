@@ -350,3 +350,19 @@ def test_devices_are_withdrawn_from_kubelet_before_the_first_mutation(
     # last: the new layout, healthy.
     assert len(seen[0]) == 14 and set(seen[0].values()) == {"Unhealthy"}
     assert len(seen[-1]) == 4 and set(seen[-1].values()) == {HEALTHY}
+
+
+def test_single_strategy_on_mixed_profiles_is_reported_and_keeps_the_old_advertisement(
+    short_tmp: Path, nodes: list[Node]
+) -> None:
+    node = start(short_tmp, "a100-40gb:1", "version: v1\ndevicePlugin:\n  migStrategy: single\n")
+    nodes.append(node)
+    assert node.mig("apply", "-c", "all-1g.5gb")[0] == 0
+    node.kubelet.wait_devices(GPU, lambda d: len(d) == 7)  # single: MIG devices as nvidia.com/gpu
+    assert node.mig("apply", "-c", "all-balanced")[0] == 0
+    status = node.gpud.status()
+    assert "single needs one MIG profile" in status.resource_error
+    assert "use migStrategy mixed" in status.resource_error
+    assert "cannot advertise as configured" in node.gpudctl("status").stdout
+    # What kubelet still has is the withdrawn list: nothing it could hand out.
+    assert node.kubelet.allocatable(GPU) == 0

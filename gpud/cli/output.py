@@ -43,6 +43,7 @@ def status_dict(st: gpud_pb2.Status) -> dict[str, Any]:
         "kubelet_dir": st.kubelet_dir,
         "kubelet_connected": st.kubelet_connected,
         "uptime_s": round(st.uptime_s, 1),
+        "resource_error": st.resource_error,
         "gpus": [gpu_dict(g) for g in st.gpus],
         "plugins": [
             {
@@ -95,6 +96,8 @@ def status_table(st: dict[str, Any]) -> str:
     kubelet = "kubelet.sock present" if st["kubelet_connected"] else "no kubelet.sock"
     lines.append(f"kubelet: {st['kubelet_dir']} ({kubelet})")
     lines.append(f"config: {st['config_file'] or 'built-in defaults'}")
+    if st["resource_error"]:
+        lines.append(f"cannot advertise as configured: {st['resource_error']}")
     lines += ["", gpu_table(st["gpus"]), ""]
     if st["plugins"]:
         lines.append(

@@ -199,6 +199,7 @@ class ControlServicer(MigServicerMixin, gpud_pb2_grpc.GpudServicer):
             ],
             config_file=str(d.settings.config_file or ""),
             uptime_s=d.uptime(),
+            resource_error=d.resource_error,
         )
 
     async def SetDeviceHealthy(

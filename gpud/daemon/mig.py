@@ -266,7 +266,7 @@ class MigController:
                     step.describe(),
                     extra={"STEP": step.kind, "GPU_INDEX": step.gpu},
                 )
-                await asyncio.to_thread(self._execute, step, created)
+                await asyncio.to_thread(execute, self.backend, step, created)
                 mutations += 1
         except HwError as exc:
             message = (
@@ -293,26 +293,6 @@ class MigController:
         await self.node.refreshed()
         await self.read_states()
         await self.node.withdraw(frozenset())
-
-    def _execute(self, step: Step, created: dict[tuple[int, str], int]) -> None:
-        b, gpu = self.backend, step.gpu
-        if step.kind == "set-mig-mode":
-            b.set_mig_mode(gpu, bool(step.enabled))
-        elif step.kind == "reset-gpu":
-            b.reset_gpu(gpu)
-        elif step.kind == "destroy-ci":
-            b.destroy_compute_instance(gpu, _known(step.gi_id), _known(step.ci_id))
-        elif step.kind == "destroy-gi":
-            b.destroy_gpu_instance(gpu, _known(step.gi_id))
-        elif step.kind == "create-gi":
-            assert step.placement is not None and step.profile_id is not None
-            gi = b.create_gpu_instance(gpu, step.profile_id, step.placement)
-            created[(gpu, str(step.placement))] = gi.gi_id
-        else:
-            gi_id = step.gi_id
-            if gi_id is None:
-                gi_id = created[(gpu, str(step.placement))]
-            b.create_compute_instance(gpu, gi_id, _known(step.ci_profile_id))
 
     async def recover(self, configured: Selection | None) -> None:
         """At start, before anything is advertised: finish an interrupted apply, or recreate the
@@ -346,6 +326,30 @@ class MigController:
             log.error("%s failed: %s", what, outcome.message)
         else:
             log.info("%s: %s (%d NVML calls)", what, outcome.result, outcome.mutations)
+
+
+def execute(backend: MigBackend, step: Step, created: dict[tuple[int, str], int]) -> None:
+    """Make the one NVML call ``step`` stands for. ``created`` maps (GPU, placement) of the GPU
+    instances made so far in this plan to the IDs the driver gave them, for the ``create-ci``
+    steps that follow (the planner cannot know those IDs)."""
+    gpu = step.gpu
+    if step.kind == "set-mig-mode":
+        backend.set_mig_mode(gpu, bool(step.enabled))
+    elif step.kind == "reset-gpu":
+        backend.reset_gpu(gpu)
+    elif step.kind == "destroy-ci":
+        backend.destroy_compute_instance(gpu, _known(step.gi_id), _known(step.ci_id))
+    elif step.kind == "destroy-gi":
+        backend.destroy_gpu_instance(gpu, _known(step.gi_id))
+    elif step.kind == "create-gi":
+        assert step.placement is not None and step.profile_id is not None
+        gi = backend.create_gpu_instance(gpu, step.profile_id, step.placement)
+        created[(gpu, str(step.placement))] = gi.gi_id
+    else:
+        gi_id = step.gi_id
+        if gi_id is None:
+            gi_id = created[(gpu, str(step.placement))]
+        backend.create_compute_instance(gpu, gi_id, _known(step.ci_profile_id))
 
 
 def _known(value: int | None) -> int:

@@ -55,7 +55,7 @@ class Plugin(_message.Message):
     def __init__(self, resource: _Optional[str] = ..., socket: _Optional[str] = ..., registered: _Optional[bool] = ..., devices: _Optional[int] = ..., healthy: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("version", "backend", "driver_version", "cuda_version", "backend_error", "kubelet_dir", "kubelet_connected", "gpus", "plugins", "config_file", "uptime_s")
+    __slots__ = ("version", "backend", "driver_version", "cuda_version", "backend_error", "kubelet_dir", "kubelet_connected", "gpus", "plugins", "config_file", "uptime_s", "resource_error")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DRIVER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class Status(_message.Message):
     PLUGINS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FILE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_ERROR_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     driver_version: str
@@ -78,7 +79,8 @@ class Status(_message.Message):
     plugins: _containers.RepeatedCompositeFieldContainer[Plugin]
     config_file: str
     uptime_s: float
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., backend_error: _Optional[str] = ..., kubelet_dir: _Optional[str] = ..., kubelet_connected: _Optional[bool] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., plugins: _Optional[_Iterable[_Union[Plugin, _Mapping]]] = ..., config_file: _Optional[str] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    resource_error: str
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., backend_error: _Optional[str] = ..., kubelet_dir: _Optional[str] = ..., kubelet_connected: _Optional[bool] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., plugins: _Optional[_Iterable[_Union[Plugin, _Mapping]]] = ..., config_file: _Optional[str] = ..., uptime_s: _Optional[float] = ..., resource_error: _Optional[str] = ...) -> None: ...
 
 class SetDeviceHealthyRequest(_message.Message):
     __slots__ = ("uuid",)
