@@ -29,7 +29,7 @@ class ConfigError(Exception):
         return f"{self.path}: invalid configuration:\n{lines}"
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
+def key_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -39,8 +39,8 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def parse(text: str, source: str = "<config>") -> Config:
-    """Parse YAML text; an empty document means all defaults (``version`` is still required)."""
+def yaml_mapping(text: str, source: str) -> dict[str, Any]:
+    """A YAML document that must be a mapping (empty: {}); ConfigError saying where it is not."""
     import yaml  # only when there is a file: a node without one starts without the YAML parser
 
     try:
@@ -51,16 +51,22 @@ def parse(text: str, source: str = "<config>") -> Config:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, (f"{where}: not valid YAML: {problem}",)) from None
     if data is None:
-        data = {}
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(source, (f"(top level): expected a mapping, got {type(data).__name__}",))
+    return data
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Parse YAML text; an empty document means all defaults (``version`` is still required)."""
+    data = yaml_mapping(text, source)
     if "version" not in data:
         raise ConfigError(source, ("version: required; this release reads 'version: v1'",))
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         problems = tuple(
-            f"{_location(tuple(err['loc']))}: {err['msg']}"
+            f"{key_path(tuple(err['loc']))}: {err['msg']}"
             + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
             for err in exc.errors()
         )

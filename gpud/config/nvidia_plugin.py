@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gpud.config.load import ConfigError, _location
+from gpud.config.load import ConfigError, key_path, yaml_mapping
 from gpud.config.models import (
     Config,
     DeviceIDStrategy,
@@ -150,19 +150,7 @@ def parse_nvidia_plugin_config(
 
     A missing ``version`` means ``v1``, as in NVIDIA's plugin; an empty document sets nothing.
     """
-    import yaml
-
-    try:
-        data: Any = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, (f"{where}: not valid YAML: {problem}",)) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(source, (f"(top level): expected a mapping, got {type(data).__name__}",))
+    data = yaml_mapping(text, source)
     if data.get("version", "v1") != "v1":
         raise ConfigError(
             source,
@@ -185,7 +173,7 @@ def parse_nvidia_plugin_config(
         parsed = _File.model_validate(data)
     except ValidationError as exc:
         problems = tuple(
-            f"{_location(tuple(err['loc']))}: {err['msg']}"
+            f"{key_path(tuple(err['loc']))}: {err['msg']}"
             + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
             for err in exc.errors()
         )
