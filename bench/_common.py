@@ -15,7 +15,7 @@ import platform
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,18 +129,29 @@ class Node:
         self.kubelet.stop()
 
 
-def make_node(root: Path, spec: str = SPEC) -> Node:
+def make_node(root: Path, spec: str = SPEC, extra: Sequence[str] = ()) -> Node:
+    """``extra``: more arguments for ``gpud run`` (``--config FILE``)."""
     kubelet = FakeKubelet(root / "k")
-    gpud = GpudProcess(spec, root / "k", root / "state", root / "gpud.sock", log_dir=root / "log")
+    gpud = GpudProcess(
+        spec, root / "k", root / "state", root / "gpud.sock", extra, log_dir=root / "log"
+    )
     return Node(root, kubelet, gpud)
 
 
 @contextlib.contextmanager
-def running_node(prefix: str, *, devices: int = 8) -> Iterator[Node]:
+def running_node(
+    prefix: str,
+    *,
+    devices: int = 8,
+    setup: Callable[[Path], Sequence[str]] | None = None,
+) -> Iterator[Node]:
     """Fake kubelet up, gpud started and ready, the GPU plugin registered with ``devices``
-    devices listed; everything torn down (and the directory removed) afterwards."""
+    devices listed; everything torn down (and the directory removed) afterwards.
+
+    ``setup``, if given, is called with the scratch directory before gpud starts (to write a
+    config file) and returns extra arguments for ``gpud run``."""
     with short_tmp(prefix) as root:
-        node = make_node(root)
+        node = make_node(root, extra=setup(root) if setup else ())
         node.kubelet.start()
         try:
             node.gpud.start()
