@@ -158,6 +158,9 @@ class Daemon:
     async def _withdraw(self, gpu_uuids: frozenset[str]) -> None:
         self.withdrawn = gpu_uuids
         await self.reconcile()
+        if not gpu_uuids:
+            # The MIG change is over: report it once kubelet knows any new resources.
+            await self.manager.wait_registrations(timeout=5.0)
 
     async def _refresh_inventory(self) -> None:
         """After a MIG change: the GPUs' MIG modes (and, after a reset, handles) are new."""

@@ -188,7 +188,8 @@ class MigController:
 
     async def _apply(self, selection: Selection, dry_run: bool, force: bool) -> Outcome:
         states = await self.read_states()
-        steps = compute_plan(selection, self.node.gpus(), states)
+        # Parsing and planning take milliseconds; kubelet's calls should not wait for them.
+        steps = await asyncio.to_thread(compute_plan, selection, self.node.gpus(), states)
         if not steps:
             if not dry_run:
                 self.store.select(selection)

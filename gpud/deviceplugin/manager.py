@@ -9,7 +9,6 @@ that is down for minutes is picked up either by its socket appearing or by the n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -144,9 +143,10 @@ class PluginManager:
             )
             return
 
-    async def wait_registrations(self) -> None:
-        """Wait for the registrations in flight (used at start-up to report READY accurately)."""
+    async def wait_registrations(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the registrations in flight, so that a caller who changed
+        the resources can answer once kubelet knows them; a kubelet that is slow or away does
+        not hold the caller longer (the registrations go on)."""
         tasks = list(self._registering.values())
         if tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=timeout)

@@ -2,15 +2,19 @@
 
 ``selected.json`` is the layout the operator chose (the config text itself, so a boot does not
 depend on the file still being where it was): MIG instances do not survive a reboot or a driver
-reload, and gpud recreates them from it at start. ``journal.json`` records an apply in progress,
-rewritten before every mutation; finding it unfinished at start means gpud died mid-apply, and
-the apply is completed (re-planned from what the GPUs actually hold) before anything is
-advertised to kubelet.
+reload, and gpud recreates them from it at start. An apply in progress is recorded in two files:
+``journal.json`` (the target and the plan, written once when the apply starts) and
+``progress.json`` (how far it got, rewritten before every mutation, small so that the cost of a
+step does not grow with the plan). Both carry the apply's ID; a progress record of another
+apply means this one has not got anywhere yet. Finding it unfinished at start means gpud died
+mid-apply, and the apply is completed (re-planned from what the GPUs actually hold) before
+anything is advertised to kubelet.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +57,10 @@ class MigStore:
         self.dir = state_dir / "mig"
         self.selected_path = self.dir / "selected.json"
         self.journal_path = self.dir / "journal.json"
+        self.progress_path = self.dir / "progress.json"
+        # The plan objects last written to journal.json, and that apply's ID.
+        self._written: tuple[object, object, object] | None = None
+        self._apply_id = ""
 
     def _read(self, path: Path) -> dict[str, Any] | None:
         try:
@@ -68,7 +76,7 @@ class MigStore:
         return data
 
     def _write(self, path: Path, body: dict[str, Any]) -> None:
-        write_atomic(path, json.dumps({"version": STORE_VERSION, **body}, indent=1).encode())
+        write_atomic(path, json.dumps({"version": STORE_VERSION, **body}).encode())
 
     def selection(self) -> Selection | None:
         data = self._read(self.selected_path)
@@ -80,25 +88,56 @@ class MigStore:
             raise StoreCorrupt(f"{self.selected_path}: {exc}; move it away") from None
 
     def select(self, selection: Selection) -> None:
+        """Remember ``selection``; nothing is written when it is already the one on disk."""
+        try:
+            if self.selection() == selection:
+                return
+        except StoreCorrupt:
+            pass  # replaced by a good one
         self._write(self.selected_path, {"selection": asdict(selection)})
 
     def journal(self) -> Journal | None:
         data = self._read(self.journal_path)
         if data is None:
             return None
+        progress = self._read(self.progress_path) or {}
         try:
             body = data["journal"]
+            done = progress.get("progress", {})
+            if done.get("apply") != body["apply"]:
+                done = {"status": "running", "next_step": 0, "mutations": 0, "error": ""}
             return Journal(
                 selection=Selection(**body["selection"]),
-                status=body["status"],
+                status=done["status"],
                 steps=tuple(body["steps"]),
-                next_step=body["next_step"],
-                mutations=body["mutations"],
-                error=body["error"],
+                next_step=done["next_step"],
+                mutations=done["mutations"],
+                error=done["error"],
                 withdrawn=tuple(body["withdrawn"]),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise StoreCorrupt(f"{self.journal_path}: {exc}; move it away") from None
 
     def record(self, journal: Journal) -> None:
-        self._write(self.journal_path, {"journal": asdict(journal)})
+        """Write how far ``journal`` got; its target and plan only when they are new."""
+        plan = (journal.selection, journal.steps, journal.withdrawn)
+        if self._written is None or any(
+            a is not b for a, b in zip(plan, self._written, strict=True)
+        ):
+            self._apply_id = secrets.token_hex(8)
+            body = {
+                "apply": self._apply_id,
+                "selection": asdict(journal.selection),
+                "steps": list(journal.steps),
+                "withdrawn": list(journal.withdrawn),
+            }
+            self._write(self.journal_path, {"journal": body})
+            self._written = plan
+        progress = {
+            "apply": self._apply_id,
+            "status": journal.status,
+            "next_step": journal.next_step,
+            "mutations": journal.mutations,
+            "error": journal.error,
+        }
+        self._write(self.progress_path, {"progress": progress})
