@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -49,3 +50,20 @@ def fake_nvml() -> Iterator[Callable[[FakeNvml], FakeNvml]]:
         yield install
     for fake in fakes:
         assert not fake.internal_errors, f"fake NVML raised: {fake.internal_errors!r}"
+
+
+SHARED_FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+
+
+def shared_fixture(name: str) -> Path:
+    """A file from the ecosystem (shared/fixtures beside the checkout) that gpud must read as is.
+
+    CI always has shared/ beside its clone, so there a missing file fails the test; only a bare
+    clone elsewhere skips, saying why.
+    """
+    path = SHARED_FIXTURES / name
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI runs with shared/ beside the checkout")
+        pytest.skip(f"{path} is not beside this checkout")
+    return path

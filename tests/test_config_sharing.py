@@ -23,6 +23,7 @@ from gpud.config.nvidia_plugin import (
     merge_nvidia_plugin_config,
     parse_nvidia_plugin_config,
 )
+from tests.conftest import shared_fixture
 
 # shared/fixtures/nvidia-device-plugin-config.yaml, byte for byte (checked below when present).
 NVIDIA_FIXTURE = (
@@ -206,9 +207,7 @@ def test_resource_name_rules() -> None:
 
 
 def test_inline_fixture_is_the_shared_one() -> None:
-    if not SHARED_FIXTURE.exists():
-        pytest.skip("no shared/fixtures beside this checkout")
-    assert SHARED_FIXTURE.read_text() == NVIDIA_FIXTURE
+    assert shared_fixture(SHARED_FIXTURE.name).read_text() == NVIDIA_FIXTURE
 
 
 def test_fixture_loads_unchanged(tmp_path: Path) -> None:

@@ -28,19 +28,17 @@ from gpud.mig.layout import (
 )
 from gpud.mig.model import catalog_state, simulate
 from gpud.mig.planner import plan
+from tests.conftest import shared_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared/fixtures"
-DEFAULT = FIXTURES / "mig-parted-config-default.yaml"
-EXAMPLES = FIXTURES / "mig-parted-examples-config.yaml"
+DEFAULT = "mig-parted-config-default.yaml"
+EXAMPLES = "mig-parted-examples-config.yaml"
 
 A100_40 = 0x20B010DE
 A100_80 = 0x20B210DE
 H100 = 0x233010DE
 A30 = 0x20B710DE
 DGX_A100 = [(i, A100_40) for i in range(8)]
-
-needs_fixtures = pytest.mark.skipif(not DEFAULT.exists(), reason="shared/fixtures not present")
 
 
 def problems(text: str) -> tuple[str, ...]:
@@ -64,10 +62,9 @@ def built(pci: int, devices: dict[str, int], index: int = 0) -> MigLayoutState:
 # ---- the ecosystem's files ----------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_mig_parted_files_load_unchanged() -> None:
-    default = load(DEFAULT)
-    examples = load(EXAMPLES)
+    default = load(shared_fixture(DEFAULT))
+    examples = load(shared_fixture(EXAMPLES))
     assert len(default.names) == 81
     assert examples.names == (
         "all-disabled",
@@ -89,9 +86,9 @@ def test_mig_parted_files_load_unchanged() -> None:
     }
 
 
-@needs_fixtures
-@pytest.mark.parametrize("path", [DEFAULT, EXAMPLES], ids=["default", "examples"])
-def test_all_1g_5gb_on_a_dgx_a100(path: Path) -> None:
+@pytest.mark.parametrize("name", [DEFAULT, EXAMPLES], ids=["default", "examples"])
+def test_all_1g_5gb_on_a_dgx_a100(name: str) -> None:
+    path = shared_fixture(name)
     targets = select(load(path), "all-1g.5gb", DGX_A100)
     assert targets == {i: GpuTarget(True, (("1g.5gb", 7),)) for i in range(8)}
     for index, pci in DGX_A100:
@@ -100,9 +97,8 @@ def test_all_1g_5gb_on_a_dgx_a100(path: Path) -> None:
         assert [r.profile.name for r in resolved.gis] == ["1g.5gb"] * 7
 
 
-@needs_fixtures
 def test_custom_config_sets_each_gpu_by_index() -> None:
-    targets = select(load(EXAMPLES), "custom-config", DGX_A100)
+    targets = select(load(shared_fixture(EXAMPLES)), "custom-config", DGX_A100)
     off = GpuTarget(False)
     assert targets == {
         0: off,
@@ -118,9 +114,8 @@ def test_custom_config_sets_each_gpu_by_index() -> None:
         assert not isinstance(resolve(targets[index], catalog_state(pci, index)), FitError)
 
 
-@needs_fixtures
 def test_device_filter_picks_the_board_variant() -> None:
-    default = load(DEFAULT)
+    default = load(shared_fixture(DEFAULT))
     # the same name means 4 on an A100-40GB and 7 on the 80GB boards
     assert select(default, "all-1g.10gb", DGX_A100) == {
         i: GpuTarget(True, (("1g.10gb", 4),)) for i in range(8)
@@ -400,9 +395,8 @@ def test_bundled_layouts_fit_every_board_they_select() -> None:
     assert set(select(layouts, "all-balanced", node)) == set(range(len(node)))
 
 
-@needs_fixtures
 def test_bundled_layouts_agree_with_mig_parted_where_both_define_a_name() -> None:
-    ours, theirs = bundled(), load(DEFAULT)
+    ours, theirs = bundled(), load(shared_fixture(DEFAULT))
     compared = 0
     for family in families().values():
         gpu = [(0, family.pci_device_ids[0])]
