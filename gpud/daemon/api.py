@@ -195,7 +195,7 @@ class ControlServicer(MigServicerMixin, gpud_pb2_grpc.GpudServicer):
                     healthy=p.healthy,
                     error=p.error,
                 )
-                for p in d.plugin_statuses()
+                for p in d.manager.statuses()
             ],
             config_file=str(d.settings.config_file or ""),
             uptime_s=d.uptime(),

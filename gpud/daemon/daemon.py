@@ -24,7 +24,6 @@ from gpud.daemon.mig import MigController, Node, Refused, read_selection
 from gpud.daemon.notify import Notifier
 from gpud.daemon.settings import Settings
 from gpud.deviceplugin.manager import PluginManager
-from gpud.deviceplugin.plugin import PluginStatus
 from gpud.deviceplugin.servicer import Snapshot
 from gpud.deviceplugin.watcher import KubeletDirWatcher
 from gpud.health import XidPolicy, initial_reasons, unhealthy_reason
@@ -114,9 +113,6 @@ class Daemon:
         await gateway.stop()
         self.backend.close()
         return 0
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def _open_backend(self) -> None:
         try:
@@ -362,9 +358,6 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", exc)
 
     # ---- views for the control API -----------------------------------------------------------
-
-    def plugin_statuses(self) -> list[PluginStatus]:
-        return self.manager.statuses()
 
     def uptime(self) -> float:
         return time.monotonic() - self.started
