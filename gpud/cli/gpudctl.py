@@ -23,8 +23,11 @@ examples:
   gpudctl devices -o json             the GPUs as JSON
   sudo gpudctl device set-healthy GPU-…   return a repaired GPU to service
   gpudctl config validate gpud.yaml   check a config file (exit 2 if invalid)
+  gpudctl driver status -o json       the NVIDIA driver: packages, module, reboot, problems
+  sudo gpudctl toolkit configure --cdi   add the nvidia runtime to containerd (in place)
 
-environment: GPUD_SOCKET overrides the default socket (/run/gpud/gpud.sock)
+environment: GPUD_SOCKET overrides the default socket (/run/gpud/gpud.sock);
+  GPUD_ROOT reads another root directory for platform and driver (chroots, tests)
 exit status: 0 success, 1 failure, 2 invalid input
 """
 
@@ -90,6 +93,32 @@ def _parser() -> argparse.ArgumentParser:
     validate = msub.add_parser("validate", help="check a mig-parted config file; exit 2 if invalid")
     validate.add_argument("-f", "--config-file", required=True, metavar="FILE")
     validate.add_argument("-c", "--config-name", metavar="NAME", help="also check this name exists")
+
+    _add_output(sub.add_parser("platform", help="this node's OS, Kubernetes and containerd paths"))
+    driver = sub.add_parser("driver", help="the NVIDIA driver on this node (no daemon needed)")
+    rsub = driver.add_subparsers(dest="driver_command", required=True, metavar="COMMAND")
+    _add_output(
+        rsub.add_parser("status", help="packages, module, nouveau, Secure Boot; exit 1 on problems")
+    )
+
+    toolkit = sub.add_parser("toolkit", help="the NVIDIA container toolkit (root, no daemon)")
+    tsub = toolkit.add_subparsers(dest="toolkit_command", required=True, metavar="COMMAND")
+    tconf = tsub.add_parser(
+        "configure",
+        help="add the nvidia runtime to containerd's config, in place; restart if it changed",
+    )
+    tconf.add_argument(
+        "--config",
+        metavar="FILE",
+        help="containerd config to edit (default: MicroK8s' containerd-template.toml, "
+        "else /etc/containerd/config.toml)",
+    )
+    tconf.add_argument("--set-as-default", action="store_true", help="make nvidia the default")
+    tconf.add_argument("--cdi", action="store_true", help="set enable_cdi = true")
+    tconf.add_argument("--no-restart", action="store_true", help="do not restart containerd")
+    tconf.add_argument(
+        "-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help="default table"
+    )
 
     debug = sub.add_parser("debug", help="fault injection (simulated backend only)")
     gsub = debug.add_subparsers(dest="debug_command", required=True, metavar="COMMAND")
@@ -281,6 +310,18 @@ def main(argv: list[str] | None = None) -> int:
         except Failure as exc:
             print(f"gpudctl: {exc}", file=sys.stderr)
             return exc.code
+    if args.command in ("platform", "driver"):
+        from gpud.cli import hostinfo
+
+        fmt = getattr(args, "output", "table")
+        if args.command == "platform":
+            return hostinfo.platform_command(fmt)
+        if args.driver_command == "status":
+            return hostinfo.driver_status_command(fmt)
+    if args.command == "toolkit":
+        from gpud.cli.toolkit import toolkit_configure
+
+        return toolkit_configure(args, getattr(args, "output", "table"))
     try:
         return _dispatch(args)
     except Failure as exc:
