@@ -24,6 +24,7 @@ examples:
   sudo gpudctl device set-healthy GPU-…   return a repaired GPU to service
   gpudctl config validate gpud.yaml   check a config file (exit 2 if invalid)
   gpudctl driver status -o json       the NVIDIA driver: packages, module, reboot, problems
+  sudo gpudctl driver install --dry-run   what installing the driver would run
   sudo gpudctl toolkit configure --cdi   add the nvidia runtime to containerd (in place)
 
 environment: GPUD_SOCKET overrides the default socket (/run/gpud/gpud.sock);
@@ -100,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_output(
         rsub.add_parser("status", help="packages, module, nouveau, Secure Boot; exit 1 on problems")
     )
+    dinst = rsub.add_parser("install", help="install a driver with ubuntu-drivers, then verify")
+    dinst.add_argument("--branch", metavar="B", help="550, 550-server… (default: newest server)")
+    dinst.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    dinst.add_argument(
+        "-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help="default table"
+    )
 
     toolkit = sub.add_parser("toolkit", help="the NVIDIA container toolkit (root, no daemon)")
     tsub = toolkit.add_subparsers(dest="toolkit_command", required=True, metavar="COMMAND")
@@ -119,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     tconf.add_argument(
         "-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help="default table"
     )
+    tinst = tsub.add_parser("install", help="apt-get install nvidia-container-toolkit if missing")
+    tinst.add_argument("--dry-run", action="store_true", help="say what would run, change nothing")
+    tinst.add_argument("--gpud-config", metavar="FILE", help="default /etc/gpud/gpud.yaml")
+    tstat = tsub.add_parser("status", help="package, runtime config, CDI spec; exit 1 on problems")
+    tcdi = tsub.add_parser("cdi", help="nvidia-ctk cdi generate (skipped without nvidia-ctk)")
+    tcdi.add_argument("--output", dest="output_file", metavar="PATH", help="spec file to write")
+    for tp in (tinst, tstat, tcdi):
+        tp.add_argument("-o", choices=("table", "json"), default=argparse.SUPPRESS, dest="output")
 
     debug = sub.add_parser("debug", help="fault injection (simulated backend only)")
     gsub = debug.add_subparsers(dest="debug_command", required=True, metavar="COMMAND")
@@ -318,10 +333,14 @@ def main(argv: list[str] | None = None) -> int:
             return hostinfo.platform_command(fmt)
         if args.driver_command == "status":
             return hostinfo.driver_status_command(fmt)
-    if args.command == "toolkit":
-        from gpud.cli.toolkit import toolkit_configure
+        if args.driver_command == "install":
+            from gpud.cli.driver import driver_install_command
 
-        return toolkit_configure(args, getattr(args, "output", "table"))
+            return driver_install_command(args, fmt)
+    if args.command == "toolkit":
+        from gpud.cli.toolkit import toolkit_command
+
+        return toolkit_command(args, getattr(args, "output", "table"))
     try:
         return _dispatch(args)
     except Failure as exc:

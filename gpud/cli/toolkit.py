@@ -76,3 +76,136 @@ def _table(data: dict[str, Any], restart: str, no_restart: bool) -> str:
             lines.append(f"not restarted (--no-restart): run '{restart}' to apply")
     lines += [f"note: {note}" for note in data["notes"]]
     return "\n".join(lines)
+
+
+def toolkit_command(args: argparse.Namespace, fmt: str) -> int:
+    """Dispatch ``gpudctl toolkit <verb>``."""
+    verb = args.toolkit_command
+    if verb == "install":
+        return toolkit_install(args, fmt)
+    if verb == "status":
+        return toolkit_status(fmt)
+    if verb == "cdi":
+        return toolkit_cdi(args, fmt)
+    return toolkit_configure(args, fmt)
+
+
+def _root() -> Path:
+    return Path(os.environ.get("GPUD_ROOT") or "/")
+
+
+def _gpud_config(path: str | None, root: Path) -> Any:
+    """gpud's config for the toolkit keys: ``--gpud-config``, else /etc/gpud/gpud.yaml if any."""
+    from gpud.config.load import DEFAULT_CONFIG_PATH, load
+    from gpud.config.models import default_config
+    from gpud.host.platform import under
+
+    if path:
+        return load(Path(path))
+    default = under(root, str(DEFAULT_CONFIG_PATH))
+    return load(default) if default.exists() else default_config()
+
+
+def toolkit_install(args: argparse.Namespace, fmt: str) -> int:
+    """Install nvidia-container-toolkit with apt when dpkg says it is missing (root)."""
+    from gpud.config.load import ConfigError as GpudConfigError
+    from gpud.host.toolkit_install import InstallError, install_toolkit
+
+    if os.geteuid() != 0 and not args.dry_run:
+        print("gpudctl: toolkit install must run as root: run as root (sudo)", file=sys.stderr)
+        return EXIT_FAILED
+    root = _root()
+    try:
+        settings = _gpud_config(args.gpud_config, root).toolkit
+    except GpudConfigError as exc:
+        print(f"gpudctl: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    os.environ.setdefault("DEBIAN_FRONTEND", "noninteractive")
+    try:
+        result = install_toolkit(
+            root=root,
+            apt_source=settings.apt_source,
+            keyring=settings.keyring,
+            dry_run=args.dry_run,
+        )
+    except InstallError as exc:
+        fix = f"; {exc.fix}" if exc.fix else ""
+        print(f"gpudctl: {exc}{fix}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"gpudctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    data = result.as_dict()
+    if fmt == "json":
+        print(json.dumps(data, indent=2))
+    elif result.already_installed:
+        print(f"{data['package']} {result.version}: already installed, nothing to do")
+    elif result.dry_run:
+        print(f"{data['package']} is not installed; would run: {', '.join(result.steps)}")
+        if result.source:
+            print(f"  {result.list_file}: {result.source}")
+    else:
+        print(f"{data['package']} {result.version}: installed ({', '.join(result.steps)})")
+        if result.source:
+            print(f"  added {result.list_file}: {result.source}")
+    return EXIT_OK
+
+
+def toolkit_status(fmt: str) -> int:
+    """The toolkit's state on this node; exit 1 when something needs fixing."""
+    from gpud.host.toolkit_install import toolkit_status as collect
+
+    status = collect(_root())
+    data = status.as_dict()
+    if fmt == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        print(_status_table(data))
+    return EXIT_FAILED if status.problems else EXIT_OK
+
+
+def _status_table(d: dict[str, Any]) -> str:
+    def yn(v: bool | None) -> str:
+        return {True: "yes", False: "no", None: "-"}[v]
+
+    pkg, ctr = d["package"], d["containerd"]
+    rows = [
+        ("package", f"{pkg['name']} {pkg['version'] or '(not installed)'}"),
+        *((name, where or "(not found)") for name, where in d["binaries"].items()),
+        (
+            "containerd",
+            ctr["config"]
+            + ("" if ctr["exists"] else " (missing)")
+            + (" (invalid)" if ctr["error"] else ""),
+        ),
+        ("  nvidia runtime", yn(ctr["nvidia_runtime"])),
+        ("  default", yn(ctr["default_runtime"])),
+        ("  enable_cdi", yn(ctr["enable_cdi"])),
+    ]
+    for path, spec in d["cdi"].items():
+        shown = "(absent)" if not spec["exists"] else ", ".join(spec["devices"]) or "-"
+        rows.append(("cdi spec", f"{path} {shown}"))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{label + ':':<{width}}{value}" for label, value in rows]
+    for problem in d["problems"]:
+        lines.append(f"problem: {problem['message']}; fix: {problem['fix']}")
+    return "\n".join(lines)
+
+
+def toolkit_cdi(args: argparse.Namespace, fmt: str) -> int:
+    """Generate the CDI spec with nvidia-ctk; skipped (exit 0) when nvidia-ctk is not installed."""
+    from gpud.host.cdi import DEFAULT_OUTPUT, generate_spec
+    from gpud.host.platform import under
+
+    output = Path(args.output_file) if args.output_file else under(_root(), str(DEFAULT_OUTPUT))
+    result = generate_spec(output=output)
+    if fmt == "json":
+        print(json.dumps(result.as_dict(), indent=2))
+    elif result.ok:
+        print(result.message)
+        for name in result.devices:
+            print(f"  {name}")
+    if not result.ok:
+        print(f"gpudctl: {result.message}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK

@@ -238,6 +238,27 @@ class Mig(_Strict):
     layout: str | None = None
 
 
+class Toolkit(_Strict):
+    """Where ``gpudctl toolkit install`` gets nvidia-container-toolkit when apt does not know it.
+
+    Unset (the default), gpud adds no apt source: which repository a node trusts is the
+    operator's decision, and a mirror or an internal repository is common on GPU clusters.
+    """
+
+    # A one-line-style apt source ("deb [signed-by=…] URL SUITE") or a bare repository URL,
+    # written to /etc/apt/sources.list.d/nvidia-container-toolkit.list.
+    apt_source: str | None = None
+    # The keyring that signs that repository; written as signed-by=<keyring>.
+    keyring: Path | None = None
+
+    @field_validator("apt_source")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        if value is not None and ("\n" in value.strip() or not value.strip()):
+            raise ValueError("must be one non-empty line (a deb line or a repository URL)")
+        return value.strip() if value is not None else None
+
+
 class Log(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -252,6 +273,7 @@ class Config(_Strict):
     health: Health = Field(default_factory=Health)
     sharing: Sharing = Field(default_factory=Sharing)
     mig: Mig = Field(default_factory=Mig)
+    toolkit: Toolkit = Field(default_factory=Toolkit)
     log: Log = Field(default_factory=Log)
 
 

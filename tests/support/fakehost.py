@@ -51,6 +51,22 @@ class FakeTools:
             rc,
         )
 
+    def add_script(self, name: str, body: str) -> None:
+        """``name`` logs its argv like :meth:`add`, then runs ``body`` (``/bin/sh``).
+
+        For tools whose answer depends on earlier calls (``apt-get install`` then ``dpkg-query``):
+        the body reads and writes a state directory of the test's choosing.
+        """
+        log = shlex.quote(str(self.log))
+        script = self.bin / name
+        script.write_text(
+            "#!/bin/sh\n"
+            f'for a in "$0" "$@"; do printf "%s\\037" "$a"; done >> {log}\n'
+            f'printf "\\036" >> {log}\n' + body + "\n",
+            encoding="utf-8",
+        )
+        script.chmod(0o755)
+
     def calls(self) -> list[list[str]]:
         """Every recorded call, argv[0] reduced to the tool's name."""
         if not self.log.exists():
