@@ -69,6 +69,7 @@ class Daemon:
                 pod_resources_socket=lambda: self.settings.pod_resources_socket,
                 withdraw=self._withdraw,
                 refreshed=self._refresh_inventory,
+                layout_changed=self._refresh_cdi,
             )
             self.mig = MigController(backend, MigStore(settings.config.paths.state_dir), node)
 
@@ -157,6 +158,21 @@ class Daemon:
         if not gpu_uuids:
             # The MIG change is over: report it once kubelet knows any new resources.
             await self.manager.wait_registrations(timeout=5.0)
+
+    async def _refresh_cdi(self) -> None:
+        """Regenerate the CDI spec after a MIG change: MIG device names in it follow the layout.
+
+        Only on real GPUs: nvidia-ctk describes the node's actual devices, not simulated ones.
+        """
+        if self.backend.name != "nvml":
+            return
+        from gpud.host.cdi import refresh_after_mig_change
+
+        result = await asyncio.to_thread(refresh_after_mig_change)
+        if result.status == "failed":
+            log.warning("CDI spec not refreshed after the MIG change: %s", result.message)
+        elif result.status == "generated":
+            log.info("CDI spec refreshed: %s", result.path)
 
     async def _refresh_inventory(self) -> None:
         """After a MIG change: the GPUs' MIG modes (and, after a reset, handles) are new."""

@@ -67,6 +67,9 @@ class Node:
     withdraw: Callable[[frozenset[str]], Awaitable[None]]
     # Re-read the inventory and MIG states after a change and re-advertise.
     refreshed: Callable[[], Awaitable[None]]
+    # Called once after an apply that changed the GPUs (MIG device names in the CDI spec are
+    # stale from then on).
+    layout_changed: Callable[[], Awaitable[None]]
     states: dict[int, MigLayoutState] = field(default_factory=dict)
 
 
@@ -280,19 +283,21 @@ class MigController:
                 )
             )
             log.error("%s", message)
-            await self._settle()
+            await self._settle(changed=mutations > 0)
             return Outcome("failed", mutations, steps, message, "error")
         self.store.record(
             dataclasses.replace(journal, status="done", next_step=len(steps), mutations=mutations)
         )
         self.store.select(selection)
-        await self._settle()
+        await self._settle(changed=True)
         log.info("MIG layout %r applied with %d NVML calls", selection.name, mutations)
         return Outcome("applied", mutations, steps, f"layout {selection.name!r} applied")
 
-    async def _settle(self) -> None:
+    async def _settle(self, changed: bool) -> None:
         await self.node.refreshed()
         await self.read_states()
+        if changed:
+            await self.node.layout_changed()
         await self.node.withdraw(frozenset())
 
     async def recover(self, configured: Selection | None) -> None:
