@@ -59,7 +59,7 @@ def test_fresh_node_has_no_driver(tmp_path: Path, tools: FakeTools) -> None:
     assert d["module_loaded"] is False and d["loaded_version"] is None
     assert d["packages"] == [] and d["branch"] is None
     assert whats(st) == ["no NVIDIA driver package is installed"]
-    assert st.problems[0].fix == "sudo ubuntu-drivers install --gpgpu"
+    assert st.problems[0].fix == "sudo gpudctl driver install"
     assert d["reboot_required"] is False
     dpkg = [c for c in tools.calls() if c[0] == "dpkg-query"]
     assert dpkg == [["dpkg-query", "-W", "-f", DPKG_FORMAT, *DPKG_PATTERNS]]
@@ -292,6 +292,6 @@ def test_gpudctl_driver_status_json_keys_and_exit_codes(tmp_path: Path, tools: F
     assert bad.returncode == 1
     assert (
         "gpudctl: driver: no NVIDIA driver package is installed; "
-        "fix: sudo ubuntu-drivers install --gpgpu" in bad.stderr
+        "fix: sudo gpudctl driver install" in bad.stderr
     )
-    assert "fix: sudo ubuntu-drivers install --gpgpu" in _gpudctl(fresh, tools).stdout
+    assert "fix: sudo gpudctl driver install" in _gpudctl(fresh, tools).stdout

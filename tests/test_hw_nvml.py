@@ -99,7 +99,7 @@ def test_is_a_backend():
         (
             Ret.LIBRARY_NOT_FOUND,
             ErrorKind.LIBRARY_NOT_FOUND,
-            ["libnvidia-ml.so.1 not found", "ubuntu-drivers install --gpgpu", "--simulate"],
+            ["libnvidia-ml.so.1 not found", "gpudctl driver install", "--simulate"],
         ),
         (Ret.DRIVER_NOT_LOADED, ErrorKind.DRIVER_NOT_LOADED, ["not loaded", "modprobe nvidia"]),
         (Ret.NO_PERMISSION, ErrorKind.NO_PERMISSION, ["permission", "run gpud as root"]),

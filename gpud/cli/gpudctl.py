@@ -19,6 +19,7 @@ DEFAULT_SOCKET = "/run/gpud/gpud.sock"
 
 EPILOG = """\
 examples:
+  gpudctl doctor                      every check of this node, a fix for each failure
   gpudctl status                      GPUs, their health and the device plugins
   gpudctl devices -o json             the GPUs as JSON
   sudo gpudctl device set-healthy GPU-…   return a repaired GPU to service
@@ -95,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("-f", "--config-file", required=True, metavar="FILE")
     validate.add_argument("-c", "--config-name", metavar="NAME", help="also check this name exists")
 
+    _add_output(
+        sub.add_parser("doctor", help="every host and daemon check, with a fix for each failure")
+    )
     _add_output(sub.add_parser("platform", help="this node's OS, Kubernetes and containerd paths"))
     driver = sub.add_parser("driver", help="the NVIDIA driver on this node (no daemon needed)")
     rsub = driver.add_subparsers(dest="driver_command", required=True, metavar="COMMAND")
@@ -325,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         except Failure as exc:
             print(f"gpudctl: {exc}", file=sys.stderr)
             return exc.code
+    if args.command == "doctor":
+        from gpud.cli.doctor import doctor_command
+
+        return doctor_command(args.socket, getattr(args, "output", "table"))
     if args.command in ("platform", "driver"):
         from gpud.cli import hostinfo
 

@@ -275,9 +275,7 @@ def problems(facts: DriverFacts, branch: Branch, reboot: tuple[str, ...]) -> tup
             pass  # a .run or container-installed driver: working, not gpud's to manage
         else:
             out.append(
-                Problem(
-                    "no NVIDIA driver package is installed", "sudo ubuntu-drivers install --gpgpu"
-                )
+                Problem("no NVIDIA driver package is installed", "sudo gpudctl driver install")
             )
     if len(branch.branches) > 1:
         out.append(

@@ -57,7 +57,7 @@ _MIB = 1024 * 1024
 _UNAVAILABLE: dict[int, str] = {
     pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: (
         "no NVIDIA driver: libnvidia-ml.so.1 not found; install the driver "
-        "(sudo ubuntu-drivers install --gpgpu) or run with --simulate"
+        "(sudo gpudctl driver install) or run with --simulate"
     ),
     pynvml.NVML_ERROR_DRIVER_NOT_LOADED: (
         "NVIDIA driver not loaded: libnvidia-ml.so.1 is installed but the nvidia kernel module is "

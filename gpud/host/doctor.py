@@ -1,0 +1,467 @@
+"""``gpudctl doctor``: every host and daemon check in one report, with a fix for each failing line.
+
+A node that does not schedule GPU pods can be wrong at any of a dozen layers (no driver, module
+not loaded, no toolkit, containerd not configured, stale CDI spec, gpud down, GPU marked
+Unhealthy, plugin not registered with the kubelet), and each layer already has its own status
+command. An operator should not need to know which to run first, so doctor runs them all and
+says, line by line, what is fine, what is not, and what to type about it.
+
+The judgement (:func:`diagnose`) is a pure function of the facts the existing collectors return
+(platform discovery, driver status, toolkit status) plus a read-only view of the daemon's
+``GetStatus``, so every failure path is testable with hand-built inputs. :func:`collect` is the
+thin effectful half: it reads the node and asks the daemon with a short timeout. Nothing here
+needs root or changes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpud.host.cdi import KIND, spec_problems
+from gpud.host.commands import CommandRunner, run_command
+from gpud.host.driver import DriverStatus
+from gpud.host.platform import NONE, Platform
+from gpud.host.toolkit_install import ToolkitStatus
+
+PLATFORM, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS = (
+    "platform",
+    "driver",
+    "toolkit",
+    "cdi",
+    "daemon",
+    "gpus",
+    "kubelet",
+    "plugins",
+)
+AREAS = (PLATFORM, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS)
+
+START_GPUD = "sudo systemctl start gpud (without systemd: sudo gpud run)"
+_CDI_FIX = "sudo gpudctl toolkit cdi"
+UNHEALTHY = "Unhealthy"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report. ``ok`` is None when it could not be known (not a failure)."""
+
+    area: str
+    name: str
+    ok: bool | None
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "area": self.area,
+            "name": self.name,
+            "ok": self.ok,
+            "detail": self.detail,
+            "fix": self.fix,
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True unless some check failed; unknown lines do not count against the node."""
+        return all(c.ok is not False for c in self.checks)
+
+    @property
+    def failures(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if c.ok is False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stable form of ``gpudctl doctor -o json``: ``{ok, checks: [{area, name, ok,
+        detail, fix}]}``; ``ok`` of a check is true, false or null (unknown)."""
+        return {"ok": self.ok, "checks": [c.as_dict() for c in self.checks]}
+
+
+@dataclass(frozen=True)
+class GpuView:
+    index: int
+    uuid: str
+    health: str
+    health_reason: str = ""
+
+
+@dataclass(frozen=True)
+class PluginView:
+    resource: str
+    registered: bool
+    devices: int = 0
+    healthy: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DaemonView:
+    """What doctor needs from the daemon's ``GetStatus``; plain data, so tests need no daemon."""
+
+    socket: str
+    version: str = ""
+    backend: str = ""
+    backend_error: str = ""
+    driver_version: str = ""
+    kubelet_dir: str = ""
+    kubelet_connected: bool = False
+    resource_error: str = ""
+    gpus: tuple[GpuView, ...] = field(default=())
+    plugins: tuple[PluginView, ...] = field(default=())
+
+    @classmethod
+    def from_status(cls, socket: str, st: dict[str, Any]) -> DaemonView:
+        """From :func:`gpud.cli.output.status_dict`'s form (the ``gpudctl status -o json`` data)."""
+        return cls(
+            socket=socket,
+            version=st.get("version", ""),
+            backend=st.get("backend", ""),
+            backend_error=st.get("backend_error", ""),
+            driver_version=st.get("driver_version", ""),
+            kubelet_dir=st.get("kubelet_dir", ""),
+            kubelet_connected=bool(st.get("kubelet_connected")),
+            resource_error=st.get("resource_error", ""),
+            gpus=tuple(
+                GpuView(g["index"], g["uuid"], g["health"], g.get("health_reason", ""))
+                for g in st.get("gpus", ())
+            ),
+            plugins=tuple(
+                PluginView(
+                    p["resource"],
+                    bool(p["registered"]),
+                    p.get("devices", 0),
+                    p.get("healthy", 0),
+                    p.get("error", ""),
+                )
+                for p in st.get("plugins", ())
+            ),
+        )
+
+
+# --- judgement (pure) ---------------------------------------------------------------------------
+
+
+def _platform(p: Platform, t: ToolkitStatus) -> list[Check]:
+    out = []
+    if p.flavour == NONE:
+        out.append(
+            Check(
+                PLATFORM,
+                "flavour",
+                False,
+                "no MicroK8s, k3s, kubeadm or containerd found",
+                "install Kubernetes (e.g. sudo snap install microk8s --classic) or containerd",
+            )
+        )
+    else:
+        os_name = f"{p.os_id} {p.os_version}".strip()
+        out.append(Check(PLATFORM, "flavour", True, f"{p.flavour} on {os_name}"))
+    if t.config_exists:
+        out.append(Check(PLATFORM, "containerd config", True, f"{p.containerd_config} exists"))
+    else:
+        fix = (
+            "start containerd once so it writes its config "
+            f"({' '.join(p.restart_command)}), then sudo gpudctl toolkit configure"
+            if p.flavour != NONE
+            else "install containerd, then sudo gpudctl toolkit configure"
+        )
+        missing = f"{p.containerd_config} does not exist"
+        out.append(Check(PLATFORM, "containerd config", False, missing, fix))
+    return out
+
+
+_DRIVER_NAMES = (
+    ("nouveau", "nouveau"),
+    ("Secure Boot", "secure boot"),
+    ("persistenced", "persistenced"),
+    ("running module is", "version"),
+    ("module", "module"),
+    ("package", "packages"),
+    ("branch", "packages"),
+)
+
+
+def _driver_name(what: str) -> str:
+    return next((name for key, name in _DRIVER_NAMES if key in what), "driver")
+
+
+def _driver(d: DriverStatus) -> list[Check]:
+    f = d.facts
+    out = [Check(DRIVER, _driver_name(p.what), False, p.what, p.fix) for p in d.problems]
+    if not d.problems:
+        version = f.loaded_version or d.branch.installed_version or "?"
+        out.append(Check(DRIVER, "driver", True, f"driver {version} loaded"))
+    if f.secure_boot == "unknown":
+        why = next((n for n in f.notes if n.startswith("Secure Boot")), "Secure Boot state unknown")
+        out.append(Check(DRIVER, "secure boot", None, why))
+    return out
+
+
+def _is_cdi(problem_fix: str) -> bool:
+    return problem_fix == _CDI_FIX
+
+
+def _toolkit(t: ToolkitStatus) -> list[Check]:
+    out = []
+    missing_config = f"{t.config} does not exist"
+    for p in t.problems:
+        # The missing containerd config is the platform's line; spec problems are CDI's.
+        if p.message == missing_config or _is_cdi(p.fix):
+            continue
+        name = "package" if "installed" in p.message else "runtime"
+        out.append(Check(TOOLKIT, name, False, p.message, p.fix))
+    if t.version is not None:
+        out.append(Check(TOOLKIT, "package", True, f"nvidia-container-toolkit {t.version}"))
+    if t.runtime_configured:
+        default = ", the default" if t.default_runtime else ""
+        out.append(Check(TOOLKIT, "runtime", True, f"nvidia runtime in {t.config}{default}"))
+    return out
+
+
+def _cdi(t: ToolkitStatus, daemon: DaemonView | None) -> list[Check]:
+    out = [Check(CDI, "spec", False, p.message, p.fix) for p in t.problems if _is_cdi(p.fix)]
+    for path, spec in t.cdi_specs.items():
+        if not spec.get("exists") or spec.get("error"):
+            continue
+        names = tuple(spec.get("devices") or ())
+        bad = spec_problems(spec.get("kind") or "", names)
+        if bad:
+            out.append(Check(CDI, "spec", False, f"{path}: {'; '.join(bad)}", _CDI_FIX))
+            continue
+        stale = []
+        if daemon is not None and any("=GPU-" in n for n in names):
+            stale = [g.uuid for g in daemon.gpus if f"{KIND}={g.uuid}" not in names]
+        if stale:
+            out.append(
+                Check(
+                    CDI,
+                    "spec",
+                    False,
+                    f"{path} does not name {', '.join(stale)} (stale: driver or GPUs changed)",
+                    _CDI_FIX,
+                )
+            )
+        else:
+            out.append(Check(CDI, "spec", True, f"{path}: {len(names)} devices, {KIND}=all"))
+    if not out:
+        if t.cdi_enabled:
+            pass  # toolkit's own "enable_cdi is on but there is no spec" problem is above
+        elif t.cdi_enabled is False:
+            out.append(Check(CDI, "spec", True, "enable_cdi is off in containerd: no spec needed"))
+        else:
+            out.append(Check(CDI, "spec", None, "no CDI spec; containerd's enable_cdi unknown"))
+    return out
+
+
+def _daemon(daemon: DaemonView | None, error: str | None) -> list[Check]:
+    if daemon is None:
+        why = error or "no answer"
+        if "permission denied" in why.lower():
+            return [
+                Check(
+                    DAEMON,
+                    "reachable",
+                    False,
+                    f"cannot read gpud's socket: {why}",
+                    "sudo gpudctl doctor, or join the socket's group: sudo usermod -aG gpud $USER",
+                )
+            ]
+        return [Check(DAEMON, "reachable", False, f"gpud is not running ({why})", START_GPUD)]
+    out = [
+        Check(
+            DAEMON,
+            "reachable",
+            True,
+            f"gpud {daemon.version} on {daemon.socket}, backend {daemon.backend}",
+        )
+    ]
+    if daemon.backend_error:
+        out.append(
+            Check(
+                DAEMON,
+                "backend",
+                False,
+                daemon.backend_error,
+                "fix the driver lines above, then sudo systemctl restart gpud",
+            )
+        )
+    if daemon.resource_error:
+        out.append(
+            Check(
+                DAEMON,
+                "resources",
+                False,
+                f"cannot advertise as configured: {daemon.resource_error}",
+                "change gpud.yaml (migStrategy, sharing) or the MIG layout, then "
+                "sudo gpudctl config reload",
+            )
+        )
+    return out
+
+
+def _gpus(daemon: DaemonView | None) -> list[Check]:
+    if daemon is None:
+        return [Check(GPUS, "health", None, "unknown: gpud is not running")]
+    if not daemon.gpus:
+        if daemon.backend_error:
+            return [Check(GPUS, "health", None, "unknown: gpud's backend is not usable")]
+        return [
+            Check(
+                GPUS,
+                "health",
+                False,
+                "gpud sees no GPUs",
+                "check nvidia-smi -L; then sudo systemctl restart gpud",
+            )
+        ]
+    out = []
+    for g in daemon.gpus:
+        if g.health == UNHEALTHY:
+            out.append(
+                Check(
+                    GPUS,
+                    f"GPU {g.index}",
+                    False,
+                    f"{g.uuid} is Unhealthy: {g.health_reason or 'no reason given'}",
+                    f"repair it (see dmesg, nvidia-smi -q), then sudo gpudctl device set-healthy "
+                    f"{g.uuid}",
+                )
+            )
+    healthy = sum(1 for g in daemon.gpus if g.health != UNHEALTHY)
+    if healthy:
+        out.append(Check(GPUS, "health", True, f"{healthy} of {len(daemon.gpus)} GPUs healthy"))
+    return out
+
+
+def _kubelet(p: Platform, daemon: DaemonView | None, sock_present: bool | None) -> list[Check]:
+    detected = str(p.kubelet_device_plugin_dir)
+    watched = daemon.kubelet_dir if daemon is not None and daemon.kubelet_dir else detected
+    present = daemon.kubelet_connected if daemon is not None else sock_present
+    if present:
+        return [Check(KUBELET, "kubelet.sock", True, f"{watched}/kubelet.sock present")]
+    if present is None:
+        return [Check(KUBELET, "kubelet.sock", None, f"unknown: cannot look into {watched}")]
+    fix = f"start the kubelet ({p.kubelet_flavour}: device plugins in {detected})"
+    if watched != detected:
+        fix += f", gpud watches {watched}: set paths.kubeletDir: {detected} in gpud.yaml"
+    return [Check(KUBELET, "kubelet.sock", False, f"no kubelet.sock in {watched}", fix)]
+
+
+def _plugins(daemon: DaemonView | None) -> list[Check]:
+    if daemon is None:
+        return [Check(PLUGINS, "registered", None, "unknown: gpud is not running")]
+    if not daemon.plugins:
+        if daemon.gpus:
+            return [
+                Check(
+                    PLUGINS,
+                    "registered",
+                    False,
+                    f"no device plugin is running though {len(daemon.gpus)} GPUs are present",
+                    "see the resources line above and journalctl -u gpud",
+                )
+            ]
+        return [Check(PLUGINS, "registered", None, "no device plugins (no GPUs)")]
+    out = []
+    for pl in daemon.plugins:
+        if pl.registered:
+            detail = f"registered, {pl.healthy} of {pl.devices} devices healthy"
+            out.append(Check(PLUGINS, pl.resource, True, detail))
+        else:
+            out.append(
+                Check(
+                    PLUGINS,
+                    pl.resource,
+                    False,
+                    f"not registered with the kubelet: {pl.error or 'no answer yet'}",
+                    "check the kubelet line above; gpud retries on its own "
+                    "(journalctl -u gpud says why it fails)",
+                )
+            )
+    return out
+
+
+def diagnose(
+    platform: Platform,
+    driver: DriverStatus,
+    toolkit: ToolkitStatus,
+    daemon: DaemonView | None,
+    daemon_error: str | None,
+    *,
+    kubelet_sock: bool | None = None,
+) -> Report:
+    """The whole report from collected facts; pure, so every failure is testable by hand.
+
+    ``daemon`` is None when gpud could not be asked (``daemon_error`` says why); then the GPU
+    and plugin lines are unknown and the kubelet line rests on ``kubelet_sock`` (whether
+    ``kubelet.sock`` exists in the detected device-plugin directory, None when unknown).
+    """
+    checks = [
+        *_platform(platform, toolkit),
+        *_driver(driver),
+        *_toolkit(toolkit),
+        *_cdi(toolkit, daemon),
+        *_daemon(daemon, daemon_error),
+        *_gpus(daemon),
+        *_kubelet(platform, daemon, kubelet_sock),
+        *_plugins(daemon),
+    ]
+    return Report(tuple(checks))
+
+
+# --- collection (effects) -----------------------------------------------------------------------
+
+
+def ask_daemon(socket: str, timeout: float = 3.0) -> tuple[DaemonView | None, str | None]:
+    """``GetStatus`` over the control socket (read-only, any user in its group); never raises."""
+    import grpc
+
+    from gpud._proto.gpud.v1 import gpud_pb2, gpud_pb2_grpc
+    from gpud.cli.output import status_dict
+
+    try:
+        if not Path(socket).exists():
+            return None, f"no socket at {socket}"
+    except PermissionError:
+        pass  # a directory we may not search: connecting says "permission denied" precisely
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        try:
+            reply = gpud_pb2_grpc.GpudStub(channel).GetStatus(
+                gpud_pb2.GetStatusRequest(), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            details = exc.details() or exc.code().name  # type: ignore[attr-defined]
+            return None, f"{socket}: {details}"
+    return DaemonView.from_status(socket, status_dict(reply)), None
+
+
+def _sock_present(p: Platform) -> bool | None:
+    try:
+        return p.resolve(p.kubelet_device_plugin_dir / "kubelet.sock").exists()
+    except OSError:
+        return None
+
+
+def collect(
+    root: Path = Path("/"), socket: str = "/run/gpud/gpud.sock", run: CommandRunner = run_command
+) -> Report:
+    """Read the node under ``root`` and ask gpud on ``socket``; then :func:`diagnose`."""
+    from gpud.host.driver import driver_status
+    from gpud.host.platform import discover
+    from gpud.host.toolkit_install import toolkit_status
+
+    daemon, error = ask_daemon(socket)
+    nvml = daemon.driver_version if daemon is not None and daemon.driver_version else None
+    platform = discover(root, run)
+    return diagnose(
+        platform,
+        driver_status(root, run, nvml),
+        toolkit_status(root, run),
+        daemon,
+        error,
+        kubelet_sock=_sock_present(platform),
+    )
