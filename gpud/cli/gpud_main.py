@@ -24,6 +24,8 @@ examples:
   gpud run --simulate dgx-a100 --kubelet-dir /tmp/kubelet --state-dir /tmp/gpud \\
            --socket /tmp/gpud.sock          a simulated 8 x A100 node, no GPU needed
   gpud config validate /etc/gpud/gpud.yaml  check a config file before installing it
+  sudo gpud bootstrap                       set up a new node: driver, reboot, toolkit,
+                                            containerd, CDI, MIG layout, gpud.service
 
 simulated machines: dgx-a100, dgx-h100, a30x4, l4x2, t4x1, or MODEL:COUNT (e.g. h100-80gb:4)
 exit status: 0 success, 1 failure, 2 invalid input (bad flags or config)
@@ -48,6 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", type=Path, help="where gpud keeps state (/var/lib/gpud)")
     run.add_argument("--socket", type=Path, help="control socket (/run/gpud/gpud.sock)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    boot = sub.add_parser(
+        "bootstrap",
+        help="set up a new GPU node (driver, toolkit, containerd, CDI, gpud.service); idempotent",
+    )
+    boot.add_argument("--config", type=Path, help="config file (default /etc/gpud/gpud.yaml)")
+    boot.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish after the driver's reboot (what gpud-bootstrap-resume.service runs)",
+    )
+    boot.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
     config = sub.add_parser("config", help="work with config files")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
@@ -97,10 +111,59 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
+def _bootstrap(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from gpud.cli.hostinfo import host_root
+    from gpud.config.load import ConfigError, load
+    from gpud.config.models import default_config
+    from gpud.host.bootstrap import bootstrap, read_state
+    from gpud.host.platform import under
+
+    if os.geteuid() != 0:
+        print("gpud: bootstrap must run as root (sudo gpud bootstrap)", file=sys.stderr)
+        return EXIT_FAILED
+    root = host_root()
+    # The resume unit passes no --config: the first run's file is in the state file.
+    path = args.config or read_state(root).get("config")
+    if path is None and under(root, "/etc/gpud/gpud.yaml").exists():
+        path = under(root, "/etc/gpud/gpud.yaml")
+    try:
+        config = load(Path(path)) if path else default_config()
+    except ConfigError as exc:
+        print(f"gpud: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    as_json = args.output == "json"
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr if as_json else sys.stdout, flush=True)
+
+    result = bootstrap(
+        root,
+        config,
+        resume=args.resume,
+        config_path=str(path) if path else None,
+        progress=progress,
+    )
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(result.message)
+    if result.failed is not None:
+        print(f"gpud: bootstrap failed at step {result.failed.name}", file=sys.stderr)
+        if result.failed.fix:
+            print(f"fix: {result.failed.fix}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "bootstrap":
+        return _bootstrap(args)
     return validate_config(args.file)
 
 

@@ -259,6 +259,23 @@ class Toolkit(_Strict):
         return value.strip() if value is not None else None
 
 
+class Driver(_Strict):
+    """Which NVIDIA driver ``gpud bootstrap`` installs (``gpudctl driver install``'s --branch)."""
+
+    # "550", "550-server", "550-server-open"; unset: the newest server branch ubuntu-drivers lists.
+    branch: str | None = None
+
+    @field_validator("branch")
+    @classmethod
+    def _branch_shape(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from gpud.host.driver_install import parse_wanted
+
+        parse_wanted(value)  # ValueError with the accepted forms
+        return value.strip()
+
+
 class Log(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -274,6 +291,7 @@ class Config(_Strict):
     sharing: Sharing = Field(default_factory=Sharing)
     mig: Mig = Field(default_factory=Mig)
     toolkit: Toolkit = Field(default_factory=Toolkit)
+    driver: Driver = Field(default_factory=Driver)
     log: Log = Field(default_factory=Log)
 
 
