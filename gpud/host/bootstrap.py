@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpud.atomic import write_atomic
 from gpud.config.models import Config, DeviceListStrategy
@@ -53,6 +53,9 @@ ExecStart=/usr/bin/gpud bootstrap --resume
 [Install]
 WantedBy=multi-user.target
 """
+
+if TYPE_CHECKING:
+    from gpud.host.containerd import RuntimeOptions
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ def resume_decision(state: dict[str, Any], marker: bool, boot_id: str | None) ->
     return "proceed", "the node rebooted since the driver was installed"
 
 
-def runtime_options(config: Config) -> Any:
+def runtime_options(config: Config) -> RuntimeOptions:
     """The NVIDIA runtime as pods need it: the default runtime (pods name no runtime class),
     CDI on when the device plugin hands devices out by CDI name."""
     from gpud.host.containerd import RuntimeOptions
