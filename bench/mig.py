@@ -40,7 +40,7 @@ import yaml
 from bench._common import GPU, REPO, SPEC, emit, log, running_node, short_tmp, summary_ms
 from gpud._proto.gpud.v1 import gpud_pb2
 from gpud.atomic import write_atomic
-from gpud.daemon.mig import BUNDLED_SOURCE, compute_plan
+from gpud.daemon.mig import BUNDLED_SOURCE, compute_plan, execute
 from gpud.hw.sim.backend import SimBackend
 from gpud.hw.types import MigLayoutState, MigMode
 from gpud.mig import layout
@@ -515,7 +515,7 @@ def run_steps(backend: SimBackend, store: MigStore, name: str) -> dict[str, Any]
         t1 = time.perf_counter()
         store.record(journal)
         t2 = time.perf_counter()
-        sim_call(backend, step, created)
+        execute(backend, step, created)
         t3 = time.perf_counter()
         serialize.append(t1 - t0)
         record.append(t2 - t1)
@@ -531,29 +531,6 @@ def run_steps(backend: SimBackend, store: MigStore, name: str) -> dict[str, Any]
         "journal_total_ms": ms(sum(record)),
         "sim_total_ms": ms(sum(call)),
     }
-
-
-def sim_call(backend: SimBackend, step: Step, created: dict[tuple[int, str], int]) -> None:
-    """The NVML call a step stands for, on the simulated backend (as gpud's applier makes it)."""
-    gpu = step.gpu
-    if step.kind == "set-mig-mode":
-        backend.set_mig_mode(gpu, bool(step.enabled))
-    elif step.kind == "reset-gpu":
-        backend.reset_gpu(gpu)
-    elif step.kind == "destroy-ci":
-        backend.destroy_compute_instance(gpu, step.gi_id or 0, step.ci_id or 0)
-    elif step.kind == "destroy-gi":
-        backend.destroy_gpu_instance(gpu, step.gi_id or 0)
-    elif step.kind == "create-gi":
-        assert step.placement is not None and step.profile_id is not None
-        gi = backend.create_gpu_instance(gpu, step.profile_id, step.placement)
-        created[(gpu, str(step.placement))] = gi.gi_id
-    else:
-        gi_id = step.gi_id if step.gi_id is not None else created[(gpu, str(step.placement))]
-        backend.create_compute_instance(gpu, gi_id, step.ci_profile_id or 0)
-
-
-# ---- report -------------------------------------------------------------------------------------
 
 
 def main() -> int:

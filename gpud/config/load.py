@@ -57,6 +57,15 @@ def yaml_mapping(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+def validation_problems(exc: ValidationError) -> tuple[str, ...]:
+    """pydantic's errors as "key.path: message (got value)" lines."""
+    return tuple(
+        f"{key_path(tuple(err['loc']))}: {err['msg']}"
+        + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
+        for err in exc.errors()
+    )
+
+
 def parse(text: str, source: str = "<config>") -> Config:
     """Parse YAML text; an empty document means all defaults (``version`` is still required)."""
     data = yaml_mapping(text, source)
@@ -65,12 +74,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = tuple(
-            f"{key_path(tuple(err['loc']))}: {err['msg']}"
-            + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
-            for err in exc.errors()
-        )
-        raise ConfigError(source, problems) from None
+        raise ConfigError(source, validation_problems(exc)) from None
 
 
 def load(path: Path | None) -> Config:

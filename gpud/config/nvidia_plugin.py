@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gpud.config.load import ConfigError, key_path, yaml_mapping
+from gpud.config.load import ConfigError, validation_problems, yaml_mapping
 from gpud.config.models import (
     Config,
     DeviceIDStrategy,
@@ -172,12 +172,7 @@ def parse_nvidia_plugin_config(
     try:
         parsed = _File.model_validate(data)
     except ValidationError as exc:
-        problems = tuple(
-            f"{key_path(tuple(err['loc']))}: {err['msg']}"
-            + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
-            for err in exc.errors()
-        )
-        raise ConfigError(source, problems) from None
+        raise ConfigError(source, validation_problems(exc)) from None
 
     flags_model = parsed.flags or _Flags()
     plugin_model = flags_model.plugin or _PluginFlags()

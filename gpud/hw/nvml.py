@@ -168,6 +168,13 @@ def _required(what: str, fn: Callable[..., T], *args: Any) -> T:
         raise to_hw_error(err, what) from err
 
 
+def _find_gpu_instance(where: str, handle: Any, gi_id: int) -> Any:
+    """The NVML handle of GPU instance ``gi_id`` (NOT_FOUND when it does not exist)."""
+    return _required(
+        f"{where}: find GPU instance {gi_id}", pynvml.nvmlDeviceGetGpuInstanceById, handle, gi_id
+    )
+
+
 def _handle_key(handle: Any) -> int | None:
     """Handles are opaque pointers; their address identifies the device in event data."""
     return ctypes.cast(handle, ctypes.c_void_p).value
@@ -1066,12 +1073,7 @@ class NvmlBackend:
         """``nvmlGpuInstanceCreateComputeInstance``; ``ci_profile_id`` is the CI profile's
         ``info.id``. The driver places the CI; its MIG device UUID is read back."""
         where, handle = self._device(index)
-        gi = _required(
-            f"{where}: find GPU instance {gi_id}",
-            pynvml.nvmlDeviceGetGpuInstanceById,
-            handle,
-            gi_id,
-        )
+        gi = _find_gpu_instance(where, handle, gi_id)
         ci = _required(
             f"{where}: create compute instance of profile {ci_profile_id} in GPU instance {gi_id}",
             pynvml.nvmlGpuInstanceCreateComputeInstance,
@@ -1098,12 +1100,7 @@ class NvmlBackend:
 
     def destroy_compute_instance(self, index: int, gi_id: int, ci_id: int) -> None:
         where, handle = self._device(index)
-        gi = _required(
-            f"{where}: find GPU instance {gi_id}",
-            pynvml.nvmlDeviceGetGpuInstanceById,
-            handle,
-            gi_id,
-        )
+        gi = _find_gpu_instance(where, handle, gi_id)
         what = f"{where}: compute instance {ci_id} of GPU instance {gi_id}"
         ci = _required(f"{what}: find", pynvml.nvmlGpuInstanceGetComputeInstanceById, gi, ci_id)
         _required(f"{what}: destroy", pynvml.nvmlComputeInstanceDestroy, ci)
@@ -1111,7 +1108,7 @@ class NvmlBackend:
     def destroy_gpu_instance(self, index: int, gi_id: int) -> None:
         where, handle = self._device(index)
         what = f"{where}: GPU instance {gi_id}"
-        gi = _required(f"{what}: find", pynvml.nvmlDeviceGetGpuInstanceById, handle, gi_id)
+        gi = _find_gpu_instance(where, handle, gi_id)
         _required(f"{what}: destroy", pynvml.nvmlGpuInstanceDestroy, gi)
 
     def processes(self, index: int) -> tuple[GpuProcess, ...]:
