@@ -32,7 +32,8 @@ exit status: 0 success, 1 failure, 2 invalid input (bad flags or config)
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """Public so that gpud.cli.completion reads the same parser the command runs."""
     p = argparse.ArgumentParser(
         prog="gpud",
         description=DESCRIPTION,
@@ -159,7 +160,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
     if args.command == "bootstrap":

@@ -44,7 +44,8 @@ def _add_output(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """Public so that gpud.cli.completion reads the same parser the command runs."""
     p = argparse.ArgumentParser(
         prog="gpudctl",
         description="Inspect and operate the gpud daemon on this node.",
@@ -320,7 +321,7 @@ def _validate_layouts(path: str, name: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "config" and args.config_command == "validate":
         return validate_config(args.file)
     if args.command == "mig" and args.mig_command == "validate":
