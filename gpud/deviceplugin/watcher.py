@@ -28,6 +28,7 @@ _DIR_EVENTS = (
     | Mask.MOVE_SELF
     | Mask.ONLYDIR
 )
+_PARENT_EVENTS = Mask.DELETE | Mask.MOVED_FROM | Mask.ONLYDIR
 _GONE = Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.IGNORED | Mask.UNMOUNT
 
 
@@ -53,9 +54,16 @@ class KubeletDirWatcher:
             first = False
 
     async def _watch_dir(self, catch_up: bool) -> None:
+        """Watch the directory, and its parent for the directory's own removal.
+
+        The parent's DELETE is what tells reliably that the directory went: overlayfs (nodes and
+        containers with an overlay root) may not report DELETE_SELF, and a directory recreated
+        after an unnoticed removal is a new inode that this watch would never see.
+        """
         with Inotify() as inotify:
             try:
-                inotify.add_watch(self.plugin_dir, _DIR_EVENTS)
+                mine = inotify.add_watch(self.plugin_dir, _DIR_EVENTS)
+                inotify.add_watch(self.plugin_dir.parent, _PARENT_EVENTS)
             except OSError as exc:
                 log.warning("cannot watch %s: %s", self.plugin_dir, exc)
                 await asyncio.sleep(1)
@@ -65,10 +73,15 @@ class KubeletDirWatcher:
                 # The directory came (back) while nobody watched it: what a new kubelet does.
                 await self._kubelet_started()
             async for event in inotify:
+                name = str(event.name) if event.name is not None else ""
+                if event.watch is not mine:
+                    if name == self.plugin_dir.name:
+                        log.info("kubelet directory %s went away; waiting for it", self.plugin_dir)
+                        return
+                    continue
                 if event.mask & _GONE:
                     log.info("kubelet directory %s went away; waiting for it", self.plugin_dir)
                     return
-                name = str(event.name) if event.name is not None else ""
                 if event.mask & (Mask.CREATE | Mask.MOVED_TO) and name == KUBELET_SOCKET:
                     log.info("kubelet.sock created: kubelet (re)started; registering again")
                     await self._kubelet_started()
