@@ -21,6 +21,7 @@ from typing import Any
 
 from gpud.host.cdi import KIND, spec_problems
 from gpud.host.commands import CommandRunner, run_command
+from gpud.host.conflicts import FINISH_INSTALL, Conflict, find_conflicts, fix_steps
 from gpud.host.driver import DriverStatus
 from gpud.host.platform import NONE, Platform
 from gpud.host.toolkit_install import ToolkitStatus
@@ -38,6 +39,7 @@ PLATFORM, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS = (
 AREAS = (PLATFORM, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS)
 
 START_GPUD = "sudo systemctl start gpud (without systemd: sudo gpud run)"
+_REMOVE_OTHER = "remove the other gpud first: the other gpud line above says how"
 _CDI_FIX = "sudo gpudctl toolkit cdi"
 UNHEALTHY = "Unhealthy"
 
@@ -257,11 +259,27 @@ def _cdi(t: ToolkitStatus, daemon: DaemonView | None) -> list[Check]:
     return out
 
 
-def _daemon(daemon: DaemonView | None, error: str | None) -> list[Check]:
+def _other_gpud(conflicts: tuple[Conflict, ...]) -> Check:
+    """One line for all of them: the steps only work in their merged order, and the last one
+    (finish the package, start ours) must come once, after all of them."""
+    if not conflicts:
+        return Check(DAEMON, "other gpud", True, "no other gpud shadows this one's unit or command")
+    found = "; ".join(f"{c.path}: {c.why}" for c in conflicts)
+    finish = (
+        f"then {FINISH_INSTALL} (when the package's configuration stopped here) and "
+        "sudo systemctl enable --now gpud"
+    )
+    return Check(DAEMON, "other gpud", False, found, "; ".join((*fix_steps(conflicts), finish)))
+
+
+def _daemon(
+    daemon: DaemonView | None, error: str | None, conflicts: tuple[Conflict, ...]
+) -> list[Check]:
+    out = [_other_gpud(conflicts)]
     if daemon is None:
         why = error or "no answer"
         if "permission denied" in why.lower():
-            return [
+            out.append(
                 Check(
                     DAEMON,
                     "reachable",
@@ -269,16 +287,20 @@ def _daemon(daemon: DaemonView | None, error: str | None) -> list[Check]:
                     f"cannot read gpud's socket: {why}",
                     "sudo gpudctl doctor, or join the socket's group: sudo usermod -aG gpud $USER",
                 )
-            ]
-        return [Check(DAEMON, "reachable", False, f"gpud is not running ({why})", START_GPUD)]
-    out = [
+            )
+            return out
+        # Starting gpud.service while another gpud owns that name starts the other one.
+        start = _REMOVE_OTHER if conflicts else START_GPUD
+        out.append(Check(DAEMON, "reachable", False, f"gpud is not running ({why})", start))
+        return out
+    out.append(
         Check(
             DAEMON,
             "reachable",
             True,
             f"gpud {daemon.version} on {daemon.socket}, backend {daemon.backend}",
         )
-    ]
+    )
     if daemon.backend_error:
         out.append(
             Check(
@@ -393,19 +415,21 @@ def diagnose(
     daemon_error: str | None,
     *,
     kubelet_sock: bool | None = None,
+    conflicts: tuple[Conflict, ...] = (),
 ) -> Report:
     """The whole report from collected facts; pure, so every failure is testable by hand.
 
     ``daemon`` is None when gpud could not be asked (``daemon_error`` says why); then the GPU
     and plugin lines are unknown and the kubelet line rests on ``kubelet_sock`` (whether
     ``kubelet.sock`` exists in the detected device-plugin directory, None when unknown).
+    ``conflicts`` are the other gpuds :func:`gpud.host.conflicts.find_conflicts` found.
     """
     checks = [
         *_platform(platform, toolkit),
         *_driver(driver),
         *_toolkit(toolkit),
         *_cdi(toolkit, daemon),
-        *_daemon(daemon, daemon_error),
+        *_daemon(daemon, daemon_error, conflicts),
         *_gpus(daemon),
         *_kubelet(platform, daemon, kubelet_sock),
         *_plugins(daemon),
@@ -464,4 +488,5 @@ def collect(
         daemon,
         error,
         kubelet_sock=_sock_present(platform),
+        conflicts=find_conflicts(root),
     )
