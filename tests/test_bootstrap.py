@@ -18,19 +18,26 @@ from pathlib import Path
 import pytest
 
 from gpud.cli.gpud_main import main
+from gpud.config.load import load as load_config
 from gpud.host.bootstrap import (
+    ALREADY,
     AWAITING_REBOOT,
+    DONE,
     RESUME_MARKER,
-    RESUME_UNIT,
-    RESUME_UNIT_TEXT,
     STATE_FILE,
+    Context,
+    StepResult,
     resume_decision,
+    step_service,
 )
+from gpud.host.commands import run_command
 from tests.support.fakehost import GOLDEN, FakeTools, golden, mkdir, write
 
 KERNEL = "6.8.0-45-generic"
 TEMPLATE = "/var/snap/microk8s/current/args/containerd-template.toml"
 FIXTURE = Path("/work/shared/fixtures/microk8s-containerd-template.toml")
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+RESUME_UNIT = "/usr/lib/systemd/system/gpud-bootstrap-resume.service"
 MINIMAL_TEMPLATE = """\
 version = 2
 [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -67,7 +74,9 @@ class Node:
         mkdir(r, "/snap/microk8s/current")
         template = FIXTURE.read_text() if FIXTURE.exists() else MINIMAL_TEMPLATE
         write(r, TEMPLATE, template)
-        write(r, "/usr/lib/systemd/system/gpud.service", "[Service]\nExecStart=/usr/bin/gpud run\n")
+        # The package's units, as installed.
+        for unit in ("gpud.service", "gpud-bootstrap-resume.service"):
+            write(r, f"/usr/lib/systemd/system/{unit}", (UNITS / unit).read_text())
         self.config = write(tmp, "/gpud.yaml", "version: v1\nmig:\n  layout: all-1g.10gb\n")
         self.tools = FakeTools(tmp / "tools")
         self._fakes()
@@ -188,12 +197,10 @@ def test_fresh_node_through_reboot_then_no_op(
     assert node.mutating() == [
         ["ubuntu-drivers", "install", "--gpgpu", "nvidia:550-server"],
         ["apt-get", "install", "-y", "nvidia-utils-550-server"],
-        ["systemctl", "daemon-reload"],
         ["systemctl", "enable", "gpud-bootstrap-resume.service"],
         ["systemctl", "reboot"],
     ]
     unit = node.path(RESUME_UNIT).read_text()
-    assert unit == RESUME_UNIT_TEXT
     assert "ExecStart=/usr/bin/gpud bootstrap --resume" in unit
     assert f"ConditionPathExists={RESUME_MARKER}" in unit
     assert "After=network-online.target" in unit and "WantedBy=multi-user.target" in unit
@@ -211,7 +218,7 @@ def test_fresh_node_through_reboot_then_no_op(
     assert node.mutating() == []
     assert node.path(RESUME_MARKER).exists()
 
-    # 3. after the reboot, the unit's --resume finishes the job in order and removes itself
+    # 3. after the reboot, the unit's --resume finishes the job in order and disables itself
     node.reboot()
     rc, d, err = node.bootstrap(capsys, "--resume")
     assert rc == 0, err
@@ -229,19 +236,18 @@ def test_fresh_node_through_reboot_then_no_op(
     assert "[3/7] toolkit: installed nvidia-container-toolkit" in err
     assert "[6/7] mig: gpud applies all-1g.10gb at start" in err
     mutating = node.mutating()
-    assert mutating[:3] == [
+    assert mutating[:2] == [
         ["systemctl", "disable", "gpud-bootstrap-resume.service"],
-        ["systemctl", "daemon-reload"],
         ["apt-get", "install", "-y", "-o", "Dpkg::Options::=--force-confold",
          "nvidia-container-toolkit"],
     ]  # fmt: skip
-    assert mutating[3:] == [
+    assert mutating[2:] == [
         ["snap", "restart", "microk8s.daemon-containerd"],
         ["nvidia-ctk", "cdi", "generate", f"--output={node.path('/var/run/cdi/nvidia.yaml')}",
          "--format=yaml"],
         ["systemctl", "enable", "--now", "gpud.service"],
     ]  # fmt: skip
-    assert not node.path(RESUME_UNIT).exists() and not node.path(RESUME_MARKER).exists()
+    assert not node.path(RESUME_MARKER).exists()
     edited = node.path(TEMPLATE).read_text()
     assert edited != template_before and 'default_runtime_name = "nvidia"' in edited
     assert list(node.path(TEMPLATE).parent.glob("containerd-template.toml.gpud-backup-*"))
@@ -267,10 +273,12 @@ def test_plain_run_after_reboot_disarms_the_resume_unit(
 ) -> None:
     assert node.bootstrap(capsys)[0] == 0
     node.reboot()
+    node.mutating()
     rc, d, err = node.bootstrap(capsys)
     assert rc == 0, err
     assert d["phase"] == "done"
-    assert not node.path(RESUME_UNIT).exists() and not node.path(RESUME_MARKER).exists()
+    assert ["systemctl", "disable", "gpud-bootstrap-resume.service"] in node.mutating()
+    assert not node.path(RESUME_MARKER).exists()
     rc, d, _ = node.bootstrap(capsys, "--resume")
     assert rc == 0 and "nothing to resume" in d["message"]
 
@@ -320,6 +328,17 @@ def test_missing_gpud_unit_fails_service_step(
     assert statuses(d)["cdi"] == "done"
 
 
+def test_missing_resume_unit_fails_before_rebooting(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.path(RESUME_UNIT).unlink()
+    rc, d, _ = node.bootstrap(capsys)
+    assert rc == 1
+    assert d["failed_step"] == "reboot" and "install the gpud package" in d["fix"]
+    assert ["systemctl", "reboot"] not in node.mutating()
+    assert not node.path(RESUME_MARKER).exists()
+
+
 def test_unknown_mig_layout_fails_before_service(
     node: Node, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -347,3 +366,35 @@ def test_resume_decision() -> None:
     assert resume_decision(armed, False, "b")[0] == "nothing"
     assert resume_decision({"phase": "done"}, True, "b")[0] == "nothing"
     assert resume_decision({}, False, None)[0] == "nothing"
+
+
+def test_another_gpud_fails_service_step_with_its_removal(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.reboot()
+    node.dpkg("dpkg-550-server-signed", "dpkg")
+    write(
+        node.root,
+        "/etc/systemd/system/gpud.service",
+        "[Service]\nExecStart=/usr/local/bin/gpud run $FLAGS\n",
+    )
+    rc, d, _ = node.bootstrap(capsys)
+    assert rc == 1 and d["failed_step"] == "service"
+    assert "/etc/systemd/system/gpud.service" in d["steps"][-1]["detail"]
+    assert "daemon-reload" in d["fix"]
+    assert ["systemctl", "enable", "--now", "gpud.service"] not in node.mutating()
+
+
+def test_gpud_running_before_the_driver_is_restarted_on_it(node: Node) -> None:
+    """The package started gpud before bootstrap installed a driver that needed no reboot."""
+    (node.state / "gpud-enabled").touch()
+    (node.state / "gpud-active").touch()
+    ctx = Context(node.root, load_config(node.config), run_command, {})
+    ctx.results["driver"] = StepResult("driver", DONE, "installed 550-server")
+    result = step_service(ctx)
+    assert (result.status, result.detail) == ("done", "restarted gpud.service on the new driver")
+    assert node.mutating() == [["systemctl", "restart", "gpud.service"]]
+    node.tools.log.unlink()
+    ctx.results["driver"] = StepResult("driver", ALREADY, "550-server loaded")
+    assert step_service(ctx).status == ALREADY
+    assert node.mutating() == []

@@ -5,8 +5,9 @@ reboot before that driver runs, then the toolkit, the containerd runtime entry, 
 gpud itself, and cloud-init runs its commands once. So the steps after the reboot are handed to a
 one-shot systemd unit (``gpud-bootstrap-resume.service``) that is armed by a marker file and the
 boot ID of the boot that asked for the reboot: it runs exactly once, only in a later boot, and
-removes itself. Every step first looks whether its work is already done, so running bootstrap
-again on a ready node calls no command that changes anything. The first failing step stops the
+disables itself. The unit ships in the gpud package (systemd/), so bootstrap only enables it.
+Every step first looks whether its work is already done, so running bootstrap again on a ready
+node calls no command that changes anything. The first failing step stops the
 run, and the result names it with the fix. Each step reuses the module that owns the work
 (driver_install, toolkit_install, toolkit, cdi, mig.layout); this file only orders and records.
 """
@@ -28,31 +29,15 @@ from gpud.host.platform import under
 STATE_FILE = "/var/lib/gpud/bootstrap.json"
 RESUME_MARKER = "/var/lib/gpud/bootstrap.resume-pending"
 RESUME_UNIT_NAME = "gpud-bootstrap-resume.service"
-RESUME_UNIT = f"/etc/systemd/system/{RESUME_UNIT_NAME}"
 GPUD_UNIT = "gpud.service"
-GPUD_UNIT_DIRS = ("/etc/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
+# Where systemd finds units: an operator's copy in /etc, the package's in /lib or /usr/lib.
+UNIT_DIRS = ("/etc/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 STEPS = ("driver", "reboot", "toolkit", "runtime", "cdi", "mig", "service")
 
 DONE, ALREADY, REBOOT, SKIPPED, FAILED = "done", "already", "reboot", "skipped", "failed"
 RUNNING, AWAITING_REBOOT, PHASE_DONE, PHASE_FAILED = "running", "awaiting-reboot", "done", "failed"
 
-RESUME_UNIT_TEXT = f"""\
-# Written by gpud bootstrap: finishes the node's setup once, after the driver's reboot.
-# It removes itself when done; it runs only while {RESUME_MARKER} exists.
-[Unit]
-Description=Finish gpud bootstrap after the driver reboot
-Wants=network-online.target
-After=network-online.target
-ConditionPathExists={RESUME_MARKER}
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/gpud bootstrap --resume
-
-[Install]
-WantedBy=multi-user.target
-"""
 
 if TYPE_CHECKING:
     from gpud.host.containerd import RuntimeOptions
@@ -183,17 +168,17 @@ def _systemctl(run: CommandRunner, *args: str) -> tuple[bool, str]:
 
 
 def disarm_resume(root: Path, run: CommandRunner) -> None:
-    """Remove the resume unit and its marker: the reboot happened, its work is being done now.
+    """Disable the resume unit and remove its marker: the reboot happened, its work is being done.
 
     The marker goes first, so even a failed ``disable`` cannot make the unit run a second time.
-    ``daemon-reload`` only when a unit file was really removed.
     """
     under(root, RESUME_MARKER).unlink(missing_ok=True)
-    unit = under(root, RESUME_UNIT)
-    if unit.exists():
+    if unit_installed(root, RESUME_UNIT_NAME):
         _systemctl(run, "disable", RESUME_UNIT_NAME)
-        unit.unlink()
-        _systemctl(run, "daemon-reload")
+
+
+def unit_installed(root: Path, name: str) -> bool:
+    return any(under(root, f"{d}/{name}").exists() for d in UNIT_DIRS)
 
 
 # --- steps --------------------------------------------------------------------------------------
@@ -232,16 +217,14 @@ def step_reboot(ctx: Context) -> StepResult:
     """Arm the one-shot resume unit, record this boot, and reboot (only when the driver asks)."""
     if ctx.results["driver"].status != REBOOT:
         return StepResult("reboot", ALREADY, "no reboot needed: the driver is running")
+    if not unit_installed(ctx.root, RESUME_UNIT_NAME):
+        return StepResult(
+            "reboot",
+            FAILED,
+            f"{RESUME_UNIT_NAME} is not installed: nothing would finish the setup after the reboot",
+            "install the gpud package (it ships the unit), then run sudo gpud bootstrap again",
+        )
     write_atomic(under(ctx.root, RESUME_MARKER), f"{read_boot_id(ctx.root) or ''}\n".encode())
-    unit = under(ctx.root, RESUME_UNIT)
-    current = unit.read_text(encoding="utf-8") if unit.exists() else None
-    if current != RESUME_UNIT_TEXT:
-        write_atomic(unit, RESUME_UNIT_TEXT.encode())
-        ok, why = _systemctl(ctx.run, "daemon-reload")
-        if not ok:
-            return StepResult(
-                "reboot", FAILED, f"systemctl daemon-reload failed: {why}", "check systemd"
-            )
     ok, why = _systemctl(ctx.run, "enable", RESUME_UNIT_NAME)
     if not ok:
         return StepResult(
@@ -373,17 +356,39 @@ def step_mig(ctx: Context) -> StepResult:
 
 
 def step_service(ctx: Context) -> StepResult:
-    """Enable and start gpud.service from the package; a missing unit means no package."""
-    if not any(under(ctx.root, f"{d}/{GPUD_UNIT}").exists() for d in GPUD_UNIT_DIRS):
+    """Enable and start gpud.service from the package; a missing unit means no package.
+
+    Another project's gpud would make ``gpud.service`` mean that daemon, so it stops the step.
+    A gpud already running when this run installed the driver started without one: it is
+    restarted so that it opens the GPUs.
+    """
+    from gpud.host.conflicts import find_conflicts, fix_steps
+
+    if not unit_installed(ctx.root, GPUD_UNIT):
         return StepResult(
             "service", FAILED, f"{GPUD_UNIT} is not installed", "install the gpud package"
         )
+    conflicts = find_conflicts(ctx.root)
+    if conflicts:
+        found = "; ".join(f"{c.path}: {c.why}" for c in conflicts)
+        return StepResult("service", FAILED, found, "; ".join(fix_steps(conflicts)))
     enabled = ctx.run(["systemctl", "is-enabled", GPUD_UNIT], 30.0)
     active = ctx.run(["systemctl", "is-active", GPUD_UNIT], 30.0)
     if missing(enabled):
         return StepResult("service", FAILED, "systemctl not found", "run on a systemd node")
-    if enabled.stdout.strip() == "enabled" and active.stdout.strip() == "active":
-        return StepResult("service", ALREADY, f"{GPUD_UNIT} enabled and running")
+    running = active.stdout.strip() == "active"
+    if enabled.stdout.strip() == "enabled" and running:
+        if ctx.results["driver"].status != DONE:
+            return StepResult("service", ALREADY, f"{GPUD_UNIT} enabled and running")
+        ok, why = _systemctl(ctx.run, "restart", GPUD_UNIT)
+        if not ok:
+            return StepResult(
+                "service",
+                FAILED,
+                f"systemctl restart {GPUD_UNIT} failed: {why}",
+                f"journalctl -u {GPUD_UNIT} shows why gpud does not start",
+            )
+        return StepResult("service", DONE, f"restarted {GPUD_UNIT} on the new driver")
     ok, why = _systemctl(ctx.run, "enable", "--now", GPUD_UNIT)
     if not ok:
         return StepResult(
