@@ -34,6 +34,7 @@ CACHE = ROOT / ".cache/debroot"
 VENV_PY = "/usr/lib/gpud/venv/bin/python3"
 SIM_CONFIG = "version: v1\nbackend: sim\nsimulate: dgx-a100\n"
 KUBELET_DIR = "/var/lib/kubelet/device-plugins"
+UPGRADE = f"gpud_{__version__}+upgrade1_{{arch}}.deb"
 # Paths a package run may leave that are not gpud's: logs, apt's and dpkg's own records.
 NOT_OURS = re.compile(
     r"^/(proc|sys|dev|run|tmp|var/log|var/cache|var/lib/apt|var/lib/dpkg|var/lib/systemd"
@@ -92,7 +93,7 @@ def _upgrade_of(deb: Path, out: Path) -> Path:
     control = tree / "DEBIAN/control"
     version = f"{__version__}+upgrade1"
     control.write_text(re.sub(r"(?m)^Version: .*$", f"Version: {version}", control.read_text()))
-    new = out / f"gpud_{version}_{_arch()}.deb"
+    new = out / UPGRADE.format(arch=_arch())
     subprocess.run(
         ["dpkg-deb", "--root-owner-group", "--build", str(tree), str(new)],
         check=True,
@@ -213,8 +214,7 @@ def node(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contai
     dist = work / "dist"
     dist.mkdir()
     shutil.copy(deb, dist)
-    _upgrade_of(deb, work)
-    shutil.move(str(next(work.glob("gpud_*+upgrade1_*.deb"))), dist)
+    shutil.move(_upgrade_of(deb, work), dist)
     container = Container(root, {dist: "/mnt/dist", ROOT: "/src"}, work / "nspawn.log")
     try:
         container.boot()
@@ -333,8 +333,7 @@ def test_install_run_upgrade_remove_purge(node: Container, deb: Path) -> None:
 
     # 5. upgrade: restarted on the new version, config and MIG layout kept
     pid = _show(node, "gpud", "ExecMainPID")["ExecMainPID"]
-    upgrade = next(p.name for p in deb.parent.parent.glob("**/gpud_*+upgrade1_*.deb"))
-    _apt(node, "install", f"/mnt/dist/{upgrade}")
+    _apt(node, "install", f"/mnt/dist/{UPGRADE.format(arch=_arch())}")
     after = _show(node, "gpud", "ActiveState", "ExecMainPID")
     assert after["ActiveState"] == "active" and after["ExecMainPID"] != pid, after
     assert node.run(["cat", "/etc/gpud/gpud.yaml"]).stdout == SIM_CONFIG
