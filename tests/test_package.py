@@ -255,7 +255,9 @@ def _sandbox_writes(node: Container) -> dict[str, bool]:
         "/home/alice",
         "/var/lib/gpud",
         "/run/gpud",
-        "/var/lib/kubelet/device-plugins",
+        # Not device-plugins itself: gpud would serve its sockets there at once, racing the
+        # cleanup below. Step 3 shows that one working.
+        "/var/lib/kubelet/pods",
         "/var/snap/microk8s/common/var/lib/kubelet/device-plugins",
     ]
     writable = {}
@@ -304,7 +306,7 @@ def test_install_run_upgrade_remove_purge(node: Container, deb: Path) -> None:
         "/var/lib/gpud": True,
         "/run/gpud": True,
         # Created after gpud started, as kubelet or MicroK8s would: still writable to it.
-        "/var/lib/kubelet/device-plugins": True,
+        "/var/lib/kubelet/pods": True,
         "/var/snap/microk8s/common/var/lib/kubelet/device-plugins": True,
     }
     status = json.loads(node.run(["gpudctl", "status", "-o", "json"]).stdout)
@@ -367,6 +369,7 @@ def test_refuses_to_start_beside_leptons_gpud(node: Container, deb: Path) -> Non
         "[Install]\nWantedBy=multi-user.target\n",
     )
     node.write("/usr/local/bin/gpud", "#!/bin/sh\nexec sleep infinity\n")
+    node.write("/var/lib/gpud/gpud.state", "Lepton's, in the directory we share")
     node.run(["chmod", "+x", "/usr/local/bin/gpud"])
     node.run(["systemctl", "daemon-reload"])
 
@@ -387,7 +390,10 @@ def test_refuses_to_start_beside_leptons_gpud(node: Container, deb: Path) -> Non
     assert props["ActiveState"] == "active", props
     assert props["FragmentPath"] in ("/lib/systemd/system/gpud.service",
                                      "/usr/lib/systemd/system/gpud.service")  # fmt: skip
-    _apt(node, "purge", "gpud")
+    # Purge leaves the other gpud's state alone, and says so.
+    purged = _apt(node, "purge", "gpud")
+    assert "gpud.state" in purged.stdout + purged.stderr
+    assert node.exists("/var/lib/gpud/gpud.state")
 
 
 # --- installed into an image being built: a chroot, no systemd running ---------------------------
