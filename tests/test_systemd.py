@@ -39,8 +39,11 @@ def test_ready_status_watchdog_and_stopping(short_tmp: Path) -> None:
     )
     gpud.start()
     try:
-        ready = _datagrams(sock, "READY=1")[-1]
+        before = _datagrams(sock, "READY=1")
+        ready = before[-1]
         assert "STATUS=1/1 GPUs healthy, 1 plugins" in ready
+        # While a start waits on the MIG layout, systemctl status says so.
+        assert "STATUS=restoring the MIG layout before advertising any device" in before[0]
         # READY is only sent once the control socket answers.
         assert gpud.status().gpus[0].name == "Tesla T4"
         # The watchdog is pinged at half of WATCHDOG_USEC, from the event loop.

@@ -140,6 +140,8 @@ class Daemon:
         if self.backend_error:
             self.mig.recovered.set()
             return
+        # A reset can make this take minutes; systemctl status shows why the start waits.
+        self.notifier.status("restoring the MIG layout before advertising any device")
         try:
             await self.mig.read_states()
             mig_cfg = self.settings.config.mig
