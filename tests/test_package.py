@@ -404,7 +404,8 @@ def test_install_into_an_image_without_systemd_running(
 ) -> None:
     """Images are built in chroots (and some machines cannot boot systemd in a container): the
     package must install there, enable the unit for the image's first boot without starting
-    it, and gpud must run when started by hand, reporting READY through sd_notify."""
+    it, and gpud must run when started by hand, reporting READY through sd_notify. The config
+    is written before the install, as cloud-init's write_files does: dpkg must keep it."""
     _require(["debootstrap", "chroot", "mount"])
     root = ensure_root(CACHE)
     work = tmp_path_factory.mktemp("chroot")
@@ -412,10 +413,20 @@ def test_install_into_an_image_without_systemd_running(
         before = {
             p for p in image.run(["find", "/", "-xdev"]).stdout.split() if not NOT_OURS.match(p)
         }
-        image.run(["apt-get", "--yes", "--quiet", "install", f"/mnt/dist/{deb.name}"])
+        image.run(
+            ["sh", "-ec", f"mkdir /etc/gpud; printf '%s' '{SIM_CONFIG}' > /etc/gpud/gpud.yaml"]
+        )
+        # What cloud-init's package install passes, so dpkg does not stop at a conffile prompt.
+        confold = "Dpkg::Options::=--force-confold"
+        image.run(
+            ["apt-get", "--yes", "--quiet", "-o", confold, "install", f"/mnt/dist/{deb.name}"]
+        )
+        assert image.run(["cat", "/etc/gpud/gpud.yaml"]).stdout == SIM_CONFIG
+        assert (
+            image.run(["test", "-f", "/etc/gpud/gpud.yaml.dpkg-dist"], check=False).returncode == 0
+        )
         wants = "/etc/systemd/system/multi-user.target.wants/gpud.service"
         assert image.run(["test", "-L", wants], check=False).returncode == 0
-        image.run(["sh", "-ec", f"printf '%s' '{SIM_CONFIG}' > /etc/gpud/gpud.yaml"])
 
         notify_path = image.path / "run/notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
