@@ -105,16 +105,14 @@ class Container:
             )
         return result
 
-    def sh(self, script: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.run(["sh", "-ec", script], check=check)
-
     def exists(self, path: str) -> bool:
         return self.run(["test", "-e", path], check=False).returncode == 0
 
     def write(self, path: str, text: str) -> None:
         """Write a file inside (through the container, so the overlay gets it, not the cache)."""
-        self.run(["sh", "-ec", f"mkdir -p {shlex.quote(str(Path(path).parent))}; "
-                  f"printf '%s' {shlex.quote(text)} > {shlex.quote(path)}"])  # fmt: skip
+        parent = shlex.quote(str(Path(path).parent))
+        script = f"mkdir -p {parent}; printf '%s' {shlex.quote(text)} > {shlex.quote(path)}"
+        self.run(["sh", "-ec", script])
 
     def close(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
