@@ -325,6 +325,9 @@ def test_install_run_upgrade_remove_purge(node: Container, deb: Path) -> None:
          KUBELET_DIR, "nvidia.com/gpu"],
     )  # fmt: skip
     assert json.loads(probe.stdout) == {"nvidia.com/gpu": 8}
+    # Logged to journald with fields (systemd-python, built from source into the venv).
+    journal = node.run(["journalctl", "-u", "gpud", "RESOURCE=nvidia.com/gpu", "-o", "cat"])
+    assert "registered with kubelet" in journal.stdout, journal.stdout
 
     # 4. a MIG layout, selected and applied
     applied = json.loads(
