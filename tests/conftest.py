@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
@@ -55,6 +55,15 @@ def fake_nvml() -> Iterator[Callable[[FakeNvml], FakeNvml]]:
 SHARED_FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 
 
+def unavailable(why: str) -> NoReturn:
+    """Something a test needs is not on this machine: a failure under CI, which always has it
+    (scripts/setup installs it, shared/ lies beside the clone, the runner is root), and a skip
+    saying why on a developer's machine that lacks it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{why} (CI must have it)")
+    pytest.skip(why)
+
+
 def shared_fixture(name: str) -> Path:
     """A file from the ecosystem (shared/fixtures beside the checkout) that gpud must read as is.
 
@@ -63,7 +72,5 @@ def shared_fixture(name: str) -> Path:
     """
     path = SHARED_FIXTURES / name
     if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing: CI runs with shared/ beside the checkout")
-        pytest.skip(f"{path} is not beside this checkout")
+        unavailable(f"{path} is not beside this checkout")
     return path

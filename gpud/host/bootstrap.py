@@ -362,7 +362,7 @@ def step_service(ctx: Context) -> StepResult:
     A gpud already running when this run installed the driver started without one: it is
     restarted so that it opens the GPUs.
     """
-    from gpud.host.conflicts import find_conflicts, fix_steps
+    from gpud.host.conflicts import describe, find_conflicts, fix_steps
 
     if not unit_installed(ctx.root, GPUD_UNIT):
         return StepResult(
@@ -370,8 +370,8 @@ def step_service(ctx: Context) -> StepResult:
         )
     conflicts = find_conflicts(ctx.root)
     if conflicts:
-        found = "; ".join(f"{c.path}: {c.why}" for c in conflicts)
-        return StepResult("service", FAILED, found, "; ".join(fix_steps(conflicts)))
+        fix = "; ".join(fix_steps(conflicts))
+        return StepResult("service", FAILED, describe(conflicts), fix)
     enabled = ctx.run(["systemctl", "is-enabled", GPUD_UNIT], 30.0)
     active = ctx.run(["systemctl", "is-active", GPUD_UNIT], 30.0)
     if missing(enabled):

@@ -200,6 +200,11 @@ def find_conflicts(root: Path = Path("/")) -> tuple[Conflict, ...]:
     return (*([unit] if unit else []), *_binary_conflicts(root))
 
 
+def describe(conflicts: Iterable[Conflict]) -> str:
+    """What was found, on one line: doctor's detail and bootstrap's step detail."""
+    return "; ".join(f"{c.path}: {c.why}" for c in conflicts)
+
+
 def fix_steps(conflicts: Iterable[Conflict]) -> tuple[str, ...]:
     """All the conflicts' steps in one runnable order, each command once."""
     return tuple(dict.fromkeys(step for c in conflicts for step in c.steps))

@@ -21,7 +21,7 @@ from typing import Any
 
 from gpud.host.cdi import KIND, spec_problems
 from gpud.host.commands import CommandRunner, run_command
-from gpud.host.conflicts import FINISH_INSTALL, Conflict, find_conflicts, fix_steps
+from gpud.host.conflicts import FINISH_INSTALL, Conflict, describe, find_conflicts, fix_steps
 from gpud.host.driver import DriverStatus
 from gpud.host.platform import NONE, Platform
 from gpud.host.toolkit_install import ToolkitStatus
@@ -264,12 +264,12 @@ def _other_gpud(conflicts: tuple[Conflict, ...]) -> Check:
     (finish the package, start ours) must come once, after all of them."""
     if not conflicts:
         return Check(DAEMON, "other gpud", True, "no other gpud shadows this one's unit or command")
-    found = "; ".join(f"{c.path}: {c.why}" for c in conflicts)
     finish = (
         f"then {FINISH_INSTALL} (when the package's configuration stopped here) and "
         "sudo systemctl enable --now gpud"
     )
-    return Check(DAEMON, "other gpud", False, found, "; ".join((*fix_steps(conflicts), finish)))
+    fix = "; ".join((*fix_steps(conflicts), finish))
+    return Check(DAEMON, "other gpud", False, describe(conflicts), fix)
 
 
 def _daemon(

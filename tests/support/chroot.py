@@ -9,11 +9,10 @@ running (units enabled, nothing started).
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 from pathlib import Path
 
-from tests.support.nspawn import ENV
+from tests.support.nspawn import ENV, checked
 
 
 class Chroot:
@@ -59,9 +58,4 @@ class Chroot:
         result = subprocess.run(
             self.command(args), capture_output=True, text=True, timeout=timeout, check=False
         )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"in the chroot, {shlex.join(args)} exited {result.returncode}\n"
-                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-            )
-        return result
+        return checked(result, args, "in the chroot") if check else result

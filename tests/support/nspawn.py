@@ -23,6 +23,18 @@ ENV = [
 ]
 
 
+def checked(
+    result: subprocess.CompletedProcess[str], args: list[str], where: str
+) -> subprocess.CompletedProcess[str]:
+    """``result`` when it succeeded, else an assertion naming the command and its output."""
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{where}, {shlex.join(args)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result
+
+
 class BootFailed(RuntimeError):
     """systemd did not come up in the root (no nspawn, no privileges, or a broken root)."""
 
@@ -98,12 +110,7 @@ class Container:
             timeout=timeout,
             check=False,
         )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"in the container, {shlex.join(args)} exited {result.returncode}\n"
-                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-            )
-        return result
+        return checked(result, args, "in the container") if check else result
 
     def exists(self, path: str) -> bool:
         return self.run(["test", "-e", path], check=False).returncode == 0
