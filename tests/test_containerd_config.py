@@ -338,6 +338,67 @@ def test_default_runtime_is_left_alone_without_set_as_default():
     assert any("already 'nvidia'" in note for note in edit.notes)
 
 
+# --- layout: line endings, indentation, comments (issue 10, item 9) ------------------------------
+
+INDENTED_KEYS = """version = 2
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.k8s.io/pause:3.9"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+  SystemdCgroup = true
+"""
+
+
+def test_a_crlf_file_stays_crlf_and_loads(tmp_path):
+    source = INDENTED_KEYS.replace("\n", "\r\n")
+    edit = configure(source, RuntimeOptions(set_as_default=True, enable_cdi=True))
+    assert edit.changed
+    assert edit.text.count("\n") == edit.text.count("\r\n") > source.count("\r\n")
+    assert not configure(edit.text, RuntimeOptions(set_as_default=True, enable_cdi=True)).changed
+    config = tmp_path / "config.toml"
+    config.write_bytes(edit.text.encode())
+    nvidia = containerd_dump(config)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert nvidia["runtimes"]["nvidia"]["options"]["BinaryName"] == BINARY
+    # A file with LF endings is not turned into CRLF.
+    assert "\r" not in configure(INDENTED_KEYS).text
+
+
+def test_new_keys_take_their_siblings_indentation():
+    text = configure(INDENTED_KEYS, RuntimeOptions(set_as_default=True, enable_cdi=True)).text
+    keys = [line for line in text.splitlines() if "=" in line and not line.startswith("version")]
+    assert keys and all(line.startswith("  ") and not line.startswith("   ") for line in keys), text
+    # Headers indented, keys two further: a new table follows the file, not a fixed rule.
+    nested = "\n".join(
+        "    " + line if line.startswith("[") else "      " + line if line[:1] == " " else line
+        for line in INDENTED_KEYS.splitlines()
+    )
+    text = configure(nested, RuntimeOptions(set_as_default=True)).text
+    for line in text.splitlines()[1:]:
+        if line.strip():
+            want = "    [" if "[" in line.split("=")[0] else "        "
+            assert line.startswith(want) and line[len(want)] != " ", line
+
+
+def test_comments_of_a_comments_only_file_stay_on_top():
+    source = "# Managed by the node image.\n#\n# Add drop-ins to conf.d instead.\n"
+    for text in (source, source.replace("#\n", "\n")):
+        edit = configure(text)
+        head = edit.text.splitlines()[: len(text.splitlines())]
+        assert head == text.splitlines(), edit.text
+        assert read_toml(edit.text)["version"] == 2
+
+
+@pytest.mark.parametrize("version", ["5", "99", "-1"])
+def test_a_version_no_containerd_reads_is_refused_with_the_ones_it_does(version):
+    with pytest.raises(ConfigError) as info:
+        configure(f'version = {version}\n[plugins."io.containerd.grpc.v1.cri"]\n')
+    message = str(info.value)
+    assert f"unsupported config version {version}" in message
+    assert "containerd 1.x reads config versions 1 and 2" in message and "up to 4" in message
+    assert info.value.line == 1
+
+
 def runtimes_of(text: str) -> dict[str, Any]:
     return read_toml(text)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
 

@@ -11,9 +11,13 @@ Rules (nvidia-ctk's, unless marked *gpud*):
 
 - Version: ``version`` from the file; no key in a non-empty file → 1; an empty file → 2 (and
   ``version = 2`` is written). *gpud*: a file with comments only also counts as empty (nvidia-ctk
-  would call it version 1 and write a v1 config). A non-integer or < 1 version is refused.
-- CRI table: 1 → ``plugins.cri``, 2 → ``plugins."io.containerd.grpc.v1.cri"``, ≥ 3 →
-  ``plugins."io.containerd.cri.v1.runtime"``.
+  would call it version 1 and write a v1 config); its comments stay above what is added. *gpud*:
+  a drop-in without ``version`` is read with the top-level's version (``inherit_version``), as
+  containerd 1.6 and 2.1 both do. Only 1 to 4 are accepted: containerd 1.x reads 1 and 2, 2.0 to
+  2.2 read up to 3 and 2.3 up to 4 (2.1 refuses 4 with "expected containerd config version equal
+  to or less than `3`"); a non-integer version is refused as nvidia-ctk refuses it.
+- CRI table: 1 → ``plugins.cri``, 2 → ``plugins."io.containerd.grpc.v1.cri"``, 3 and 4 →
+  ``plugins."io.containerd.cri.v1.runtime"`` (version 4 moved only server settings).
 - ``<cri>.containerd.runtimes.<name>`` = a deep copy of the template runtime: the one
   ``default_runtime_name`` names (if it is set, does not start with ``nvidia`` and the table
   exists), else ``runc``, else ``crun``, else a minimal runc-v2 entry. So ``SystemdCgroup`` and the
@@ -31,6 +35,15 @@ Rules (nvidia-ctk's, unless marked *gpud*):
   stays, keys of the template it lacks are added, and ``options.SystemdCgroup`` follows the template
   (a cgroup driver that differs from runc's and the kubelet's breaks pods). Kept differences are
   reported in the notes.
+
+When the file is one of several containerd merges (its ``imports``), the caller passes the
+runtimes containerd ends up with (:class:`Effective`), so the new entry copies the runtime that is
+really the default, and ``add_runtime=False`` edits only the default/CDI keys of a file that must
+carry them while another file carries the runtime.
+
+Layout: new keys take the indentation of their siblings (in a new table: of the template's keys,
+else the file's usual key indentation under a header); a file whose every line ends in CRLF keeps
+CRLF on the lines gpud adds.
 
 The result is checked before it is returned: the edited text is parsed again (by a second,
 independent parser where available) and must equal the intended configuration exactly.
@@ -53,6 +66,10 @@ RUNC_V2 = "io.containerd.runc.v2"
 DEFAULT_BINARY = "/usr/bin/nvidia-container-runtime"
 
 CRI_PLUGINS = {1: "cri", 2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
+VERSIONS_TEXT = (
+    "containerd 1.x reads config versions 1 and 2, containerd 2.0 to 2.2 up to 3, 2.3 up to 4"
+)
 
 _REPORTED = frozenset({"runtime_type", "BinaryName", "Runtime"})
 _PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
@@ -89,12 +106,26 @@ class RuntimeOptions:
     binary: str = DEFAULT_BINARY
     set_as_default: bool = False
     enable_cdi: bool = False
+    add_runtime: bool = True
+    """False: only ``default_runtime_name``/``enable_cdi`` (the runtime lives in another file)."""
 
     def __post_init__(self) -> None:
         if not self.runtime_name or "\n" in self.runtime_name:
             raise ValueError(f"invalid runtime name {self.runtime_name!r}")
         if not self.binary.startswith("/"):
             raise ValueError(f"the NVIDIA runtime path {self.binary!r} is not an absolute path")
+
+
+@dataclass(frozen=True)
+class Effective:
+    """What containerd makes of all the files it merges, for an edit to one of them.
+
+    ``runtimes`` is the merged ``containerd.runtimes`` table and ``default_runtime_name`` the
+    merged default, so the nvidia entry copies the runtime that is really the default.
+    """
+
+    runtimes: Mapping[str, Any]
+    default_runtime_name: str | None
 
 
 @dataclass(frozen=True)
@@ -114,44 +145,71 @@ def cri_plugin(version: int) -> str:
     return CRI_PLUGINS[min(version, 3)]
 
 
-def configure(text: str, options: RuntimeOptions | None = None) -> Edit:
-    """Add (or bring up to date) the NVIDIA runtime in a containerd config, editing ``text``.
-
-    Raises :class:`ConfigError` for input that cannot be edited safely; nothing is half-done
-    because nothing is written here.
-    """
-    options = options or RuntimeOptions()
+def parse(text: str) -> tomlkit.TOMLDocument:
+    """The round-trip document; :class:`ConfigError` (with its position) for text not TOML."""
     try:
-        doc = tomlkit.parse(text)
+        return tomlkit.parse(text)
     except ParseError as exc:
         raise ConfigError(f"not valid TOML: {_parse_reason(exc)}", exc.line, exc.col) from None
     except TOMLKitError as exc:  # e.g. a key defined twice
         raise ConfigError(f"not valid TOML: {exc}") from None
+
+
+def file_version(text: str, data: Mapping[str, Any]) -> int | None:
+    """The ``version`` key, checked; None when the file has none. :class:`ConfigError` for a
+    value no containerd reads."""
+    if "version" not in data:
+        return None
+    raw = data["version"]
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ConfigError(
+            f"unsupported config version {raw!r}: 'version' must be an integer ({VERSIONS_TEXT})",
+            *_key_position(text, "version"),
+        )
+    if raw not in SUPPORTED_VERSIONS:
+        raise ConfigError(
+            f"unsupported config version {raw}: {VERSIONS_TEXT}", *_key_position(text, "version")
+        )
+    return raw
+
+
+def configure(
+    text: str,
+    options: RuntimeOptions | None = None,
+    *,
+    inherit_version: int | None = None,
+    effective: Effective | None = None,
+) -> Edit:
+    """Add (or bring up to date) the NVIDIA runtime in a containerd config, editing ``text``.
+
+    ``inherit_version`` is the top-level's version when ``text`` is an imported file (a drop-in
+    without ``version`` is read with it, and gets no ``version`` key of its own);
+    ``effective`` is the merged view when other files take part (see :class:`Effective`).
+    Raises :class:`ConfigError` for input that cannot be edited safely; nothing is half-done
+    because nothing is written here.
+    """
+    options = options or RuntimeOptions()
+    doc = parse(text)
     data = doc.unwrap()
     notes: list[str] = []
 
-    empty = not data
+    own = file_version(text, data)
+    empty = not data and inherit_version is None
     if empty:
         version = 2
         notes.append("empty config: writing a version 2 config")
-    elif "version" not in data:
+    elif own is not None:
+        version = own
+    elif inherit_version is not None:
+        version = inherit_version
+    else:
         version = 1
         notes.append("no 'version' key: containerd reads this as a version 1 config")
-    else:
-        raw = data["version"]
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise ConfigError(
-                f"unsupported config version {raw!r}: 'version' must be an integer (1, 2 or 3)",
-                *_key_position(text, "version"),
-            )
-        if raw < 1:
-            raise ConfigError(f"unsupported config version {raw}", *_key_position(text, "version"))
-        version = raw
     plugin = cri_plugin(version)
     cri_path = ("plugins", plugin)
     cri_table = "plugins." + _dotted_key(plugin)
 
-    plan = _plan(data, version, cri_path, options, notes)
+    plan = _plan(data, version, cri_path, options, notes, effective)
     expected = _apply_plain(data, plan, empty)
 
     editor = _DocEditor(doc)
@@ -160,6 +218,8 @@ def configure(text: str, options: RuntimeOptions | None = None) -> Edit:
     editor.apply(plan)
     editor.finish()
     new_text = doc.as_string()
+    if _crlf_only(text):
+        new_text = re.sub(r"(?<!\r)\n", "\r\n", new_text)
 
     if not empty and _same(data, expected):
         # Already configured: hand back the input itself, not a re-rendering of it.
@@ -175,8 +235,9 @@ def configure(text: str, options: RuntimeOptions | None = None) -> Edit:
 class _Plan:
     cri_path: tuple[str, ...]
     runtime_path: tuple[str, ...]
-    runtime: dict[str, Any]
-    template: Mapping[str, Any] | None
+    runtime: dict[str, Any] | None
+    """None: the runtime entry is not this file's to change (``add_runtime=False``)."""
+    template_name: str | None
     default_path: tuple[str, ...] | None
     default_name: str | None
     cdi_path: tuple[str, ...] | None
@@ -188,6 +249,7 @@ def _plan(
     cri_path: tuple[str, ...],
     options: RuntimeOptions,
     notes: list[str],
+    effective: Effective | None = None,
 ) -> _Plan:
     cri = _table_at(data, cri_path)
     ctd = _table_at(cri, ("containerd",), cri_path)
@@ -195,42 +257,24 @@ def _plan(
     runtimes_path = (*cri_path, "containerd", "runtimes")
     name = options.runtime_name
 
-    template_name, template = _template(ctd, runtimes, runtimes_path, notes)
-    existing = runtimes.get(name)
-    if existing is not None and not isinstance(existing, Mapping):
-        raise ConfigError(f"{_path_text((*runtimes_path, name))} is not a table")
-
-    if existing is None:
-        runtime = copy.deepcopy(dict(template)) if template is not None else {}
-        if template is None:
-            runtime = {"privileged_without_host_devices": False, "runtime_type": RUNC_V2}
-            notes.append(
-                f"no runc or crun runtime to copy options from: {name} gets a plain runc v2 entry"
+    runtime = None
+    template_name = None
+    if options.add_runtime:
+        if effective is not None:
+            template_name, template = _template(
+                effective.default_runtime_name, effective.runtimes, runtimes_path, notes
             )
         else:
-            notes.append(f"{name}: a copy of runtime {template_name!r}")
-    else:
-        runtime = copy.deepcopy(dict(existing))
-        if template is not None:
-            _fill_missing(runtime, template)
-            notes.extend(_kept_differences(existing, template, name, template_name))
-            t_opts = template.get("options")
-            if isinstance(t_opts, Mapping) and "SystemdCgroup" in t_opts:
-                r_opts = runtime.setdefault("options", {})
-                if not isinstance(r_opts, dict):
-                    raise ConfigError(
-                        f"{_path_text((*runtimes_path, name, 'options'))} is not a table"
-                    )
-                r_opts["SystemdCgroup"] = t_opts["SystemdCgroup"]
-
-    if not runtime.get("runtime_type"):
-        runtime["runtime_type"] = RUNC_V2
-    opts = runtime.setdefault("options", {})
-    if not isinstance(opts, dict):
-        raise ConfigError(f"{_path_text((*runtimes_path, name, 'options'))} is not a table")
-    opts["BinaryName"] = options.binary
-    if version == 1:
-        opts["Runtime"] = options.binary
+            template_name, template = _template(
+                ctd.get("default_runtime_name"), runtimes, runtimes_path, notes
+            )
+        runtime = _runtime(runtimes.get(name), template, template_name, runtimes_path, name, notes)
+        opts = runtime.setdefault("options", {})
+        if not isinstance(opts, dict):
+            raise ConfigError(f"{_path_text((*runtimes_path, name, 'options'))} is not a table")
+        opts["BinaryName"] = options.binary
+        if version == 1:
+            opts["Runtime"] = options.binary
 
     default_path = default_name = None
     if options.set_as_default:
@@ -249,22 +293,60 @@ def _plan(
         cri_path,
         (*runtimes_path, name),
         runtime,
-        template,
+        template_name,
         default_path,
         default_name,
         cdi_path,
     )
 
 
+def _runtime(
+    existing: Any,
+    template: Mapping[str, Any] | None,
+    template_name: str | None,
+    runtimes_path: tuple[str, ...],
+    name: str,
+    notes: list[str],
+) -> dict[str, Any]:
+    """The runtime entry this file must hold: a copy of the template, or the existing entry
+    with what it lacks filled in from the template and ``SystemdCgroup`` following it."""
+    if existing is not None and not isinstance(existing, Mapping):
+        raise ConfigError(f"{_path_text((*runtimes_path, name))} is not a table")
+    if existing is None:
+        if template is None:
+            notes.append(
+                f"no runc or crun runtime to copy options from: {name} gets a plain runc v2 entry"
+            )
+            runtime = {"privileged_without_host_devices": False, "runtime_type": RUNC_V2}
+        else:
+            notes.append(f"{name}: a copy of runtime {template_name!r}")
+            runtime = copy.deepcopy(dict(template))
+    else:
+        runtime = copy.deepcopy(dict(existing))
+        if template is not None:
+            _fill_missing(runtime, template)
+            notes.extend(_kept_differences(existing, template, name, template_name))
+            t_opts = template.get("options")
+            if isinstance(t_opts, Mapping) and "SystemdCgroup" in t_opts:
+                r_opts = runtime.setdefault("options", {})
+                if not isinstance(r_opts, dict):
+                    raise ConfigError(
+                        f"{_path_text((*runtimes_path, name, 'options'))} is not a table"
+                    )
+                r_opts["SystemdCgroup"] = t_opts["SystemdCgroup"]
+    if not runtime.get("runtime_type"):
+        runtime["runtime_type"] = RUNC_V2
+    return runtime
+
+
 def _template(
-    ctd: Mapping[str, Any],
+    default: Any,
     runtimes: Mapping[str, Any],
     runtimes_path: tuple[str, ...],
     notes: list[str],
 ) -> tuple[str | None, Mapping[str, Any] | None]:
     """The runtime whose table the new one copies: the default one, then runc, then crun."""
     candidates = []
-    default = ctd.get("default_runtime_name")
     if isinstance(default, str) and default:
         if _PLACEHOLDER.search(default):
             notes.append(
@@ -310,7 +392,8 @@ def _apply_plain(data: Mapping[str, Any], plan: _Plan, empty: bool) -> dict[str,
     out = copy.deepcopy(dict(data))
     if empty:
         out["version"] = 2
-    _put(out, plan.runtime_path, copy.deepcopy(plan.runtime))
+    if plan.runtime is not None:
+        _put(out, plan.runtime_path, copy.deepcopy(plan.runtime))
     if plan.default_path is not None:
         _put(out, plan.default_path, plan.default_name)
     if plan.cdi_path is not None:
@@ -332,13 +415,16 @@ class _DocEditor:
 
     New keys go right after the table's last key (not after comments that belong to the next
     header) with their siblings' indentation; new tables go at the end of their parent, and the
-    comment block above the following header moves down with that header.
+    comment block above the following header moves down with that header. Comments at the very
+    end of the file (or all of a comments-only file) stay where they are, above what is added.
     """
 
     def __init__(self, doc: tomlkit.TOMLDocument) -> None:
         self.doc = doc
         self.changes: list[str] = []
         self.created: list[Table] = []
+        self.key_step = _usual_key_step(doc)
+        self.header_step = _usual_header_step(doc)
 
     def finish(self) -> None:
         """Header-less (super) tables we created must not add blank lines of their own."""
@@ -347,28 +433,21 @@ class _DocEditor:
                 table.trivia.indent = ""
 
     def apply(self, plan: _Plan) -> None:
-        runtimes = self.table(plan.runtime_path[:-1])
-        name = plan.runtime_path[-1]
-        style = self._style_source(runtimes, plan)
-        if name not in runtimes:
-            self.new_table(runtimes, name, plan.runtime_path, like=style)
-        self.sync(runtimes[name], plan.runtime, plan.runtime_path, style)
+        if plan.runtime is not None:
+            runtimes = self.table(plan.runtime_path[:-1])
+            name = plan.runtime_path[-1]
+            style = runtimes.get(plan.template_name) if plan.template_name else None
+            if not isinstance(style, (Table, InlineTable)):
+                style = None
+            if name not in runtimes:
+                self.new_table(runtimes, name, plan.runtime_path, like=style)
+            self.sync(runtimes[name], plan.runtime, plan.runtime_path, style)
         if plan.default_path is not None:
             owner = self.table(plan.default_path[:-1])
             self.set_value(owner, plan.default_path[-1], plan.default_name, plan.default_path)
         if plan.cdi_path is not None:
             owner = self.table(plan.cdi_path[:-1])
             self.set_value(owner, plan.cdi_path[-1], True, plan.cdi_path)
-
-    def _style_source(self, runtimes: Any, plan: _Plan) -> Any:
-        """The template's tomlkit table, whose formatting (quotes, indentation) new items copy."""
-        if plan.template is None:
-            return None
-        for key in runtimes:
-            value = runtimes[key]
-            if isinstance(value, (Table, InlineTable)) and value.unwrap() == plan.template:
-                return value
-        return None
 
     def table(self, path: tuple[str, ...]) -> Any:
         node: Any = self.doc
@@ -385,8 +464,12 @@ class _DocEditor:
             self.changes.append(f"add table {_path_text(path)}")
             return
         table = tomlkit.table()
-        header = _header_indent(like) if isinstance(like, Table) else _child_header_indent(owner)
-        moved = _take_next_header_trivia(body)
+        header = (
+            _header_indent(like) if isinstance(like, Table) else self.header_indent(path, owner)
+        )
+        # Trailing comments are the next header's only when something follows this table.
+        at_end = _last_body(body) is _last_body(self.doc)
+        moved = [] if at_end else _take_next_header_trivia(body)
         # A first child directly under the document's start needs no blank line before it.
         ends_blank = owner is self.doc if not body.body else _ends_blank(body)
         table.trivia.indent = ("" if ends_blank else "\n") + header
@@ -436,7 +519,11 @@ class _DocEditor:
         if body is None:  # an inline table, or a table spread over the file: tomlkit places it
             owner[key] = item
             return
-        index, indent = _key_slot(owner, body)
+        if isinstance(owner, Table) and owner._is_super_table:
+            # A header-less table that now holds a value needs its header back.
+            owner.trivia.indent = self.header_indent(path[:-1], self.node(path[:-2]))
+            owner._is_super_table = False
+        index, indent = _key_slot(owner, body, style, self.key_step)
         item.trivia.indent = indent
         if index >= len(body.body):
             _append(owner, key, item)
@@ -444,9 +531,31 @@ class _DocEditor:
             body._insert_at(index, key, item)
             if isinstance(owner, Table):
                 dict.__setitem__(owner, key, item)
-        if isinstance(owner, Table) and owner._is_super_table:
-            # A header-less table that now holds a value needs its header back.
-            owner._is_super_table = False
+
+    def node(self, path: tuple[str, ...]) -> Any:
+        node: Any = self.doc
+        for key in path:
+            node = node[key]
+        return node
+
+    def header_indent(self, path: tuple[str, ...], owner: Any) -> str:
+        """Indentation for a new (or newly shown) header at ``path``: its siblings' under
+        ``owner``, else the nearest shown ancestor's plus the file's usual step per level."""
+        body = _container(owner)
+        if body is not None:
+            for _, item in reversed(body.body):
+                if isinstance(item, Table) and not item.is_super_table():
+                    return _header_indent(item)
+        base, levels, node = None, 0, self.doc
+        for depth, key in enumerate(path[:-1]):
+            node = node.get(key) if isinstance(node, (Container, Table)) else None
+            if isinstance(node, Table) and not node.is_super_table():
+                base, levels = _header_indent(node), len(path) - 1 - depth
+        if base is None:
+            return ""
+        if self.header_step is None:
+            return base + "  " if base else ""
+        return base + self.header_step * levels
 
 
 def _append(owner: Any, key: str, item: Item) -> None:
@@ -469,8 +578,13 @@ def _is_trivia(item: Item) -> bool:
     return isinstance(item, (Whitespace, Comment))
 
 
-def _key_slot(owner: Any, body: Container) -> tuple[int, str]:
-    """Where a new key goes (after the last key/value) and the indentation its siblings use."""
+def _key_slot(owner: Any, body: Container, style: Any, step: str | None) -> tuple[int, str]:
+    """Where a new key goes (after the last key/value) and the indentation its siblings use.
+
+    A table without keys yet takes the indentation of the keys of the table it copies (``style``)
+    when their headers line up, else the file's usual step from header to key (``step``).
+    A document without keys takes it after its leading comments, before its first table.
+    """
     last = -1
     for index, (key, item) in enumerate(body.body):
         if key is not None and not isinstance(item, (Table, AoT)):
@@ -480,26 +594,66 @@ def _key_slot(owner: Any, body: Container) -> tuple[int, str]:
         return last + 1, sibling.trivia.indent.replace("\n", "")
     if isinstance(owner, Table):
         header = owner.trivia.indent.replace("\n", "")
+        model = _first_key_indent(style) if isinstance(style, Table) else None
+        if model is not None and _header_indent(style) == header:
+            return 0, model
+        if step is not None:
+            return 0, header + step
         return 0, header + ("  " if header else "")
-    return 0, ""
+    tables = [i for i, (_, item) in enumerate(body.body) if isinstance(item, (Table, AoT))]
+    return (tables[0] if tables else len(body.body)), ""
+
+
+def _first_key_indent(table: Table) -> str | None:
+    for key, item in table.value.body:
+        if key is not None and not isinstance(item, (Table, AoT)):
+            return item.trivia.indent.replace("\n", "")
+    return None
+
+
+def _usual_key_step(doc: tomlkit.TOMLDocument) -> str | None:
+    """The most common indentation of a table's keys beyond its header's, over the file."""
+    counts: dict[str, int] = {}
+
+    def visit(container: Container) -> None:
+        for _, item in container.body:
+            if not isinstance(item, Table):
+                continue
+            key_indent = _first_key_indent(item)
+            header = _header_indent(item)
+            shown = key_indent is not None and not item.is_super_table()
+            if shown and key_indent.startswith(header):
+                step = key_indent[len(header) :]
+                counts[step] = counts.get(step, 0) + 1
+            visit(item.value)
+
+    visit(doc)
+    return max(counts, key=lambda step: counts[step]) if counts else None
+
+
+def _usual_header_step(doc: tomlkit.TOMLDocument) -> str | None:
+    """The most common indentation of a shown sub-table header beyond its shown parent's:
+    ``""`` in a flat file, two spaces in containerd's own nested layout; None when unknown."""
+    counts: dict[str, int] = {}
+
+    def visit(container: Container, parent: str | None) -> None:
+        for _, item in container.body:
+            if not isinstance(item, Table):
+                continue
+            shown = not item.is_super_table()
+            header = _header_indent(item)
+            if shown and parent is not None and header.startswith(parent):
+                step = header[len(parent) :]
+                counts[step] = counts.get(step, 0) + 1
+            visit(item.value, header if shown else None)
+
+    visit(doc, None)
+    return max(counts, key=lambda step: counts[step]) if counts else None
 
 
 def _header_indent(table: Any) -> str:
     if isinstance(table, Table):
         return table.trivia.indent.replace("\n", "")
-    return ""
-
-
-def _child_header_indent(owner: Any) -> str:
-    """Indentation for a new sub-table header: like its siblings', else one step in."""
-    body = _container(owner)
-    if body is not None:
-        for _, item in reversed(body.body):
-            if isinstance(item, Table) and not item.is_super_table():
-                return _header_indent(item)
-    if isinstance(owner, Table) and not owner.is_super_table():
-        header = _header_indent(owner)
-        return header + "  " if header else ""
     return ""
 
 
@@ -570,6 +724,11 @@ def _styled(value: Any, like: Any) -> Item:
 
 
 # --- checks and small helpers -----------------------------------------------------------------
+
+
+def _crlf_only(text: str) -> bool:
+    """Every line of ``text`` ends in CRLF: then so must every line gpud adds."""
+    return "\n" in text and text.count("\r\n") == text.count("\n")
 
 
 def read_toml(text: str) -> dict[str, Any]:
