@@ -19,13 +19,13 @@ import pytest
 from gpud.host.cdi import generate_spec, parse_spec, refresh_after_mig_change, spec_problems
 from gpud.host.commands import run_command
 from gpud.host.containerd import RuntimeOptions, configure
+from gpud.host.toolkit import inspect
 from gpud.host.toolkit_install import (
     LIST_FILE,
     InstallError,
     parse_candidate,
     parse_dpkg_version,
     plan,
-    runtime_state,
     source_line,
 )
 from tests.support.fakehost import GOLDEN, FakeTools, golden, write
@@ -299,7 +299,11 @@ def test_status_on_an_unconfigured_node_says_how_to_fix(node: Node) -> None:
     assert done.returncode == 1
     data = json.loads(done.stdout)
     ctr = data["containerd"]
-    assert (ctr["nvidia_runtime"], ctr["default_runtime"], ctr["enable_cdi"]) == (False,) * 3
+    assert (ctr["nvidia_runtime"], ctr["default_runtime"], ctr["enable_cdi"]) == (
+        False,
+        False,
+        None,
+    )
     fixes = [p["fix"] for p in data["problems"]]
     assert "sudo gpudctl toolkit install" in fixes
     assert "sudo gpudctl toolkit configure" in fixes
@@ -328,11 +332,18 @@ def test_status_uses_microk8s_template(node: Node) -> None:
     assert data["containerd"]["nvidia_runtime"] is False
 
 
-def test_runtime_state_agrees_with_configure() -> None:
-    assert runtime_state(CONFIG) == (False, False, False)
-    assert runtime_state(configure(CONFIG).text) == (True, False, False)
-    cdi = configure(CONFIG, RuntimeOptions(enable_cdi=True)).text
-    assert runtime_state(cdi) == (True, False, True)
+def test_status_agrees_with_configure(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+
+    def state(text: str) -> tuple[bool | None, bool | None, bool | None]:
+        config.write_text(text)
+        report = inspect(config)
+        return report.configured, report.default, report.cdi
+
+    # Without a containerd binary, an unset enable_cdi is unknown: 1.7 is off, 2.x on.
+    assert state(CONFIG) == (False, False, None)
+    assert state(configure(CONFIG).text) == (True, False, None)
+    assert state(configure(CONFIG, RuntimeOptions(enable_cdi=True)).text) == (True, False, True)
 
 
 # --- CDI ----------------------------------------------------------------------------------------

@@ -273,6 +273,13 @@ class ToolkitStatus:
     cdi_enabled: bool | None
     cdi_specs: dict[str, dict[str, Any]]
     problems: tuple[Problem, ...] = field(default=())
+    effective: dict[str, Any] | None = None
+    """What containerd runs, each setting with the file that sets it (see ``effective_dict``)."""
+    judged_by: str = ""
+    """Whose rules applied, and whether containerd's own config dump confirmed them."""
+    config_problems: tuple[str, ...] = ()
+    """Why containerd does not load what the files say (imports, versions, disagreements)."""
+    notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -290,26 +297,31 @@ class ToolkitStatus:
                 "nvidia_runtime": self.runtime_configured,
                 "default_runtime": self.default_runtime,
                 "enable_cdi": self.cdi_enabled,
+                "judged_by": self.judged_by,
+                "effective": self.effective,
+                "problems": list(self.config_problems),
+                "notes": list(self.notes),
             },
             "cdi": self.cdi_specs,
             "problems": [{"message": p.message, "fix": p.fix} for p in self.problems],
         }
 
 
-def runtime_state(text: str) -> tuple[bool, bool, bool]:
-    """(nvidia runtime configured, nvidia is the default, enable_cdi on) for a containerd config.
-
-    The same edit ``gpudctl toolkit configure`` makes is the test, so status and configure can
-    never disagree: a config is "configured" when configuring it would change nothing, and nvidia
-    is the default (CDI is on) when asking for that too gives the same text as not asking.
-    Raises :class:`gpud.host.containerd.ConfigError` for a config that cannot be read.
-    """
-    from gpud.host.containerd import RuntimeOptions, configure
-
-    plain = configure(text, RuntimeOptions())
-    default = configure(text, RuntimeOptions(set_as_default=True))
-    cdi = configure(text, RuntimeOptions(enable_cdi=True))
-    return not plain.changed, default.text == plain.text, cdi.text == plain.text
+def effective_dict(merged: Any) -> dict[str, Any]:
+    """A :class:`gpud.host.containerd_imports.Merged` as data: every setting containerd runs
+    with the file that sets it (None: containerd's own default)."""
+    return {
+        "files": list(merged.files),
+        "nvidia_runtime": merged.runtime.value is not None,
+        "runtime_file": merged.runtime.source,
+        "binary_name": merged.binary.value,
+        "binary_name_file": merged.binary.source,
+        "default_runtime_name": merged.default_name,
+        "default_runtime_file": merged.default.source,
+        "enable_cdi": merged.cdi.value,
+        "enable_cdi_file": merged.cdi.source,
+        "overrides": list(merged.overrides),
+    }
 
 
 def judge_status(s: ToolkitStatus) -> tuple[Problem, ...]:
@@ -336,13 +348,11 @@ def judge_status(s: ToolkitStatus) -> tuple[Problem, ...]:
                 "install containerd, then sudo gpudctl toolkit configure",
             )
         )
-    elif not s.runtime_configured:
-        out.append(
-            Problem(
-                f"the nvidia runtime is not configured in {s.config}",
-                "sudo gpudctl toolkit configure",
-            )
-        )
+    else:
+        for problem in s.config_problems:
+            out.append(Problem(problem, f"fix the containerd config ({s.config} and its imports)"))
+        if not s.runtime_configured:
+            out.append(Problem(_not_configured(s), "sudo gpudctl toolkit configure"))
     for path, spec in s.cdi_specs.items():
         if spec.get("error"):
             out.append(Problem(f"{path}: {spec['error']}", "sudo gpudctl toolkit cdi"))
@@ -353,11 +363,20 @@ def judge_status(s: ToolkitStatus) -> tuple[Problem, ...]:
     return tuple(out)
 
 
+def _not_configured(s: ToolkitStatus) -> str:
+    eff = s.effective or {}
+    files = eff.get("files") or [s.config]
+    where = s.config if len(files) == 1 else f"{s.config} with its imports ({', '.join(files[1:])})"
+    why = "; ".join(eff.get("overrides") or [])
+    return f"the nvidia runtime is not configured in {where}" + (f": {why}" if why else "")
+
+
 def toolkit_status(root: Path = Path("/"), run: CommandRunner = run_command) -> ToolkitStatus:
     """Collect the toolkit's state on the node under ``root`` and judge it."""
     from gpud.host.cdi import read_spec
-    from gpud.host.containerd import ConfigError
+    from gpud.host.containerd_dump import installed
     from gpud.host.platform import discover
+    from gpud.host.toolkit import inspect
 
     package_error = None
     try:
@@ -368,16 +387,9 @@ def toolkit_status(root: Path = Path("/"), run: CommandRunner = run_command) -> 
 
     platform = discover(root, run)
     config = platform.containerd_config
-    path = platform.resolve(config)
-    exists, error = path.exists(), None
-    configured = default = cdi = None
-    if exists:
-        try:
-            configured, default, cdi = runtime_state(path.read_text(encoding="utf-8"))
-        except ConfigError as exc:
-            error = str(exc)
-        except (OSError, UnicodeDecodeError) as exc:
-            error = f"cannot read: {exc}"
+    containerd = installed(root, platform.flavour)
+    report = inspect(platform.resolve(config), root, containerd)
+    effective = effective_dict(report.merged) if report.merged is not None else None
 
     specs = {}
     for spec_path in CDI_SPECS:
@@ -387,12 +399,16 @@ def toolkit_status(root: Path = Path("/"), run: CommandRunner = run_command) -> 
         package_error,
         binaries,
         str(config),
-        exists,
-        error,
-        configured,
-        default,
-        cdi,
+        report.exists,
+        report.error,
+        report.configured,
+        report.default,
+        report.cdi,
         specs,
+        effective=effective,
+        judged_by=report.judged_by,
+        config_problems=report.problems,
+        notes=report.notes,
     )
     return replace(status, problems=judge_status(status))
 
