@@ -488,11 +488,12 @@ def merge(graph: Graph, runtime_name: str = "nvidia") -> Merged:
     default_path = ("containerd", "default_runtime_name")
     cdi_path = _cdi_path(version)
     cdi_value = _get(merged, cdi_path)
-    cdi = (
-        Setting(cdi_value, leaves.get(cdi_path))
-        if cdi_value is not None
-        else Setting(graph.rules.cdi_default, None)
-    )
+    if graph.rules.cdi_default is None:
+        cdi = Setting(None, None)  # containerd 1.6: no such setting, whatever the files say
+    elif cdi_value is not None:
+        cdi = Setting(cdi_value, leaves.get(cdi_path))
+    else:
+        cdi = Setting(graph.rules.cdi_default, None)
     settings = {
         "runtime": Setting(runtime, rt_source if runtime is not None else None),
         "binary": Setting(_get(merged, binary_path), leaves.get(binary_path)),

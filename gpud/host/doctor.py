@@ -219,9 +219,24 @@ def _toolkit(t: ToolkitStatus) -> list[Check]:
     if t.version is not None:
         out.append(Check(TOOLKIT, "package", True, f"nvidia-container-toolkit {t.version}"))
     if t.runtime_configured:
-        default = ", the default" if t.default_runtime else ""
-        out.append(Check(TOOLKIT, "runtime", True, f"nvidia runtime in {t.config}{default}"))
+        out.append(Check(TOOLKIT, "runtime", True, _runtime_detail(t)))
     return out
+
+
+def _runtime_detail(t: ToolkitStatus) -> str:
+    """Where containerd gets the nvidia runtime (and the default) from: the top-level config or
+    a drop-in it imports, and any drop-in that overrides another."""
+    eff = t.effective or {}
+    source = eff.get("runtime_file") or t.config
+    binary = f" ({eff['binary_name']})" if eff.get("binary_name") else ""
+    detail = f"nvidia runtime{binary} in {source}"
+    if t.default_runtime:
+        setter = eff.get("default_runtime_file")
+        detail += ", the default" + (f" (set in {setter})" if setter and setter != source else "")
+    overrides = eff.get("overrides") or []
+    if overrides:
+        detail += "; " + "; ".join(overrides)
+    return detail
 
 
 def _cdi(t: ToolkitStatus, daemon: DaemonView | None) -> list[Check]:

@@ -381,8 +381,8 @@ def configure_file(
     if not path.exists() and not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent} does not exist; is containerd installed?")
     node = _read_node(path, root, containerd)
+    target = choose_target(node.graphs, options)  # gpud's reading first: it says which rule
     dumped = check_dump(node, options.runtime_name)
-    target = choose_target(node.graphs, options)
     file = target.file
     try:
         edit = configure(
