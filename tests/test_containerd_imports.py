@@ -465,3 +465,58 @@ def test_backups_are_rotated_in_microk8s_args_directory(tmp_path):
     assert backups[-1].read_text().endswith("# revision 7\n")
     assert not any(p.name.endswith(".toml") for p in backups)
     assert len(list(args.iterdir())) == 6
+
+
+# --- doctor -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_doctor_names_the_drop_in_that_decides(tmp_path, release):
+    node = make_node(tmp_path, release)
+    setup_state(node, "mirror")
+    done = node.gpudctl("--socket", str(tmp_path / "none.sock"), "doctor", "-o", "json")
+    checks = {(c["area"], c["name"]): c for c in json.loads(done.stdout)["checks"]}
+    runtime = checks[("toolkit", "runtime")]
+    if release == "1.6":
+        # containerd 1.6 loads the mirror drop-in's CRI table alone: no nvidia runtime at all.
+        assert node.loads()["nvidia"] is None
+        assert runtime["ok"] is False and runtime["fix"] == "sudo gpudctl toolkit configure"
+        assert "50-registry-mirror.toml replaces the whole" in runtime["detail"]
+    else:
+        assert node.loads()["nvidia"] == BINARY
+        assert runtime["ok"] is True
+        assert (
+            runtime["detail"]
+            == f"nvidia runtime ({BINARY}) in /etc/containerd/config.toml, the default"
+        )
+
+
+# --- putting the file back ----------------------------------------------------------------------
+
+
+def test_a_result_containerd_would_not_load_as_promised_is_put_back(tmp_path):
+    """containerd's own dump has the last word. A containerd whose dump loses the nvidia runtime
+    after the edit (simulated: the one thing no real binary does on purpose) gets the file back."""
+    node = make_node(tmp_path, "2.x")
+    setup_state(node, "nvidia-ctk-v3")
+    real_binary = node.exe
+    fake = node.root / "usr/bin/containerd"
+    fake.unlink()
+    # Answers like containerd 2.1.9, but once the drop-in names nvidia the default, its dump
+    # shows the runtime gone.
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"if grep -q 'default_runtime_name = \"nvidia\"' {node.drop_in}; then\n"
+        f'  exec {real_binary} --config {node.root}/empty.toml "$3" "$4"\n'
+        "fi\n"
+        f'exec {real_binary} "$@"\n'
+    )
+    fake.chmod(0o755)
+    (node.root / "empty.toml").write_text("version = 3\n")
+    before = unchanged(node)
+    done = node.gpudctl("toolkit", "configure", "--set-as-default")
+    assert done.returncode == 1, done.stdout
+    assert "has no nvidia runtime" in done.stderr and "was put back as it was" in done.stderr
+    after = unchanged(node)
+    assert {p: v[0] for p, v in after.items()} == {p: v[0] for p, v in before.items()}
+    assert not list(node.etc.rglob("*.gpud-backup-*")) and "restart" not in node.calls()

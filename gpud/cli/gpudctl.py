@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     tconf.add_argument(
         "--config",
         metavar="FILE",
-        help="containerd config to edit (default: MicroK8s' containerd-template.toml, "
-        "else /etc/containerd/config.toml)",
+        help="top-level containerd config (default: the platform's, see gpudctl platform); "
+        "gpud edits it or the imported drop-in that decides",
     )
     tconf.add_argument("--set-as-default", action="store_true", help="make nvidia the default")
     tconf.add_argument("--cdi", action="store_true", help="set enable_cdi = true")

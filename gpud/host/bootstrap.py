@@ -267,14 +267,25 @@ def _restarter(run: CommandRunner, argv: Sequence[str]) -> Callable[[], None]:
 def step_runtime(ctx: Context) -> StepResult:
     """The NVIDIA runtime in the config containerd really reads (MicroK8s: the template)."""
     from gpud.host.containerd import ConfigError
+    from gpud.host.containerd_dump import DumpError, installed
     from gpud.host.platform import discover
-    from gpud.host.toolkit import configure_file
+    from gpud.host.toolkit import VerifyError, configure_file
 
     platform = discover(ctx.root, ctx.run)
     path = platform.resolve(platform.containerd_config)
     restart = _restarter(ctx.run, platform.restart_command)
+    containerd = installed(ctx.root, platform.flavour)
     try:
-        r = configure_file(path, runtime_options(ctx.config), restart)
+        r = configure_file(
+            path, runtime_options(ctx.config), restart, root=ctx.root, containerd=containerd
+        )
+    except (DumpError, VerifyError) as exc:
+        return StepResult(
+            "runtime",
+            FAILED,
+            f"{platform.containerd_config} (and its imports) left as they were: {exc}",
+            "fix what it names (sudo gpudctl toolkit status shows it), then sudo gpud bootstrap",
+        )
     except ConfigError as exc:
         return StepResult(
             "runtime",
