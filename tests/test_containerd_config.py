@@ -28,7 +28,6 @@ from gpud.host.toolkit import (
     RestartError,
     command_restarter,
     configure_file,
-    detect_target,
     target_for,
 )
 from tests.conftest import shared_fixture, unavailable
@@ -481,19 +480,8 @@ def test_command_restarter_failures():
         command_restarter(["sh", "-c", "exit 3"])()
 
 
-def test_detect_target_on_fake_trees(tmp_path):
-    plain = detect_target(tmp_path)
-    assert plain.path == tmp_path / "etc/containerd/config.toml"
-    assert plain.restart_argv == ("systemctl", "restart", "containerd")
-    (tmp_path / "snap/microk8s").mkdir(parents=True)
-    snap = detect_target(tmp_path)
-    assert snap.path == tmp_path / "var/snap/microk8s/current/args/containerd-template.toml"
-    assert snap.restart_argv == ("snap", "restart", "microk8s.daemon-containerd")
-    other = tmp_path / "other"
-    template = other / "var/snap/microk8s/current/args/containerd-template.toml"
-    template.parent.mkdir(parents=True)
-    template.write_text("")
-    assert detect_target(other).platform == "microk8s"
+def test_an_explicit_config_is_microk8s_when_it_is_the_template(tmp_path):
+    template = tmp_path / "var/snap/microk8s/current/args/containerd-template.toml"
     assert target_for(template).platform == "microk8s"
     assert target_for(tmp_path / "config.toml").platform == "containerd"
 

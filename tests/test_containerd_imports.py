@@ -27,11 +27,12 @@ from typing import Any
 
 import pytest
 
-from gpud.host.containerd import RuntimeOptions, configure, read_toml
+from gpud.host.containerd import ConfigError, RuntimeOptions, configure, read_toml
 from gpud.host.containerd_imports import (
     RULES_1X,
     RULES_2X,
     View,
+    go_glob,
     load,
     merge,
     parse_release,
@@ -520,3 +521,83 @@ def test_a_result_containerd_would_not_load_as_promised_is_put_back(tmp_path):
     after = unchanged(node)
     assert {p: v[0] for p, v in after.items()} == {p: v[0] for p, v in before.items()}
     assert not list(node.etc.rglob("*.gpud-backup-*")) and "restart" not in node.calls()
+
+
+# --- no containerd to ask -----------------------------------------------------------------------
+
+
+def test_without_a_binary_the_edit_holds_for_containerd_1_and_2(tmp_path):
+    """containerd not installed yet: the edit goes where both rule sets see it, and both real
+    binaries then load the nvidia default (imports absolute, as on a node)."""
+    etc = tmp_path / "etc"
+    (etc / "conf.d").mkdir(parents=True)
+    config = etc / "config.toml"
+    config.write_text(
+        gpud_configured_top().replace("imports = []", f'imports = ["{etc}/conf.d/*.toml"]')
+    )
+    mirror = etc / "conf.d/50-registry-mirror.toml"
+    mirror.write_text(golden("registry-mirror.toml"))
+    empty = tmp_path / "root"
+    empty.mkdir()
+    node = Node(empty, "none", "", fake_tools(tmp_path))
+    done = node.gpudctl(
+        "toolkit", "configure", "--config", str(config), "--set-as-default", "-o", "json"
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["file"] == str(mirror) and data["changed"]
+    assert data["containerd"].startswith("the rules of containerd 1.x and containerd 2.x")
+    for release in RELEASES:
+        loaded = subprocess.run(
+            [binary_of(release), "--config", str(config), "config", "dump"],
+            capture_output=True, text=True, cwd="/", check=True,
+        )  # fmt: skip
+        plugin = "io.containerd.grpc.v1.cri" if release == "1.6" else "io.containerd.cri.v1.runtime"
+        ctd = read_toml(loaded.stdout)["plugins"][plugin]["containerd"]
+        assert ctd["default_runtime_name"] == "nvidia", release
+        assert ctd["runtimes"]["nvidia"]["options"]["BinaryName"] == BINARY, release
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "release"),
+    [
+        ("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3", "1.6.20"),
+        ("containerd containerd.io 1.7.27 05044ec0a9a75232cad458027ca83437aae3f4da", "1.7.27"),
+        ("containerd github.com/containerd/containerd v1.7.28 b98a3aace656", "1.7.28"),
+        ("containerd github.com/containerd/containerd/v2 2.1.9+unknown ", "2.1.9"),
+        ("containerd: command not found", None),
+    ],
+)
+def test_containerd_version_output(output, release):
+    parsed = parse_release(output)
+    assert (str(parsed) if parsed else None) == release
+
+
+def test_rules_per_release():
+    def rules(text: str) -> Any:
+        (one,) = rules_for(parse_release(f"containerd x {text}"))
+        return one
+
+    assert not rules("1.7.27").deep_merge and not rules("1.7.27").globs_from_file
+    assert rules("1.6.20").cdi_default is None and rules("1.7.27").cdi_default is False
+    assert rules("2.0.0").deep_merge and rules("2.0.0").globs_from_file
+    assert rules("2.0.0").cdi_default is True and not rules("2.0.0").reads_v1_cri
+    assert (rules("2.2.3").max_version, rules("2.3.0").max_version) == (3, 4)
+    assert rules_for(None) == (RULES_1X, RULES_2X)
+
+
+def test_go_globs(tmp_path):
+    for name in ("b.toml", "a.toml", ".hidden.toml", "a.toml.gpud-backup-20250101T000000Z", "x"):
+        (tmp_path / name).write_text("")
+    view = View(Path("/"))
+    assert go_glob(f"{tmp_path}/*.toml", view) == [
+        f"{tmp_path}/.hidden.toml", f"{tmp_path}/a.toml", f"{tmp_path}/b.toml"
+    ]  # fmt: skip
+    assert go_glob(f"{tmp_path}/[^a.]*", view) == [f"{tmp_path}/b.toml", f"{tmp_path}/x"]
+    assert go_glob(f"{tmp_path}/\\x", view) == [f"{tmp_path}/x"]
+    assert go_glob(f"{tmp_path}/nowhere/*.toml", view) == []
+    with pytest.raises(ConfigError, match="malformed"):
+        go_glob(f"{tmp_path}/[a", view)

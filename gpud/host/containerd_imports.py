@@ -71,6 +71,7 @@ from gpud.host.containerd import (
     ConfigError,
     Effective,
     RuntimeOptions,
+    configure,
     cri_plugin,
     file_version,
     parse,
@@ -244,7 +245,8 @@ def load(top: str, view: View, rules: Rules, read: Callable[[Path], str] = _read
         except OSError as exc:
             if via is None:
                 raise
-            problems.append(f"{View.shown(name)} cannot be read: {exc.strerror or exc}")
+            hint = " (run as root)" if isinstance(exc, PermissionError) else ""
+            problems.append(f"{View.shown(name)} cannot be read: {exc.strerror or exc}{hint}")
             break
         try:
             doc = parse(text)
@@ -601,16 +603,11 @@ def _show(value: Any) -> str:
 
 
 class Refusal(ConfigError):
-    """Editing would not be safe: ``file`` (and ``key``) override what gpud would write."""
-
-    def __init__(self, message: str, file: str | None = None, key: str | None = None) -> None:
-        super().__init__(message)
-        self.file = file
-        self.key = key
+    """Editing would not be safe; the message names the file and what stands in the way."""
 
 
 @dataclass(frozen=True)
-class Target:
+class Choice:
     """The one file to edit and the options for it."""
 
     file: ConfigFile
@@ -630,7 +627,7 @@ def _last_with(graph: Graph, path: tuple[str, ...]) -> ConfigFile | None:
     return found
 
 
-def choose_target(graphs: tuple[Graph, ...], options: RuntimeOptions) -> Target:
+def choose_target(graphs: tuple[Graph, ...], options: RuntimeOptions) -> Choice:
     """The file whose edit makes containerd run what ``options`` ask for, under every rule set
     in ``graphs`` (one per release family that may be installed).
 
@@ -670,8 +667,6 @@ def choose_target(graphs: tuple[Graph, ...], options: RuntimeOptions) -> Target:
         target = max((c for c in candidates if c is not None), key=lambda f: order[f.name])
         add_runtime = True
         if target is not rt_file:
-            from gpud.host.containerd import configure
-
             runtime_only = RuntimeOptions(options.runtime_name, options.binary)
             add_runtime = configure(
                 rt_file.text, runtime_only, inherit_version=_inherit(rt_file, inherit),
@@ -699,9 +694,35 @@ def choose_target(graphs: tuple[Graph, ...], options: RuntimeOptions) -> Target:
         opts = options
     if target is first.top:
         why = "the top-level config" if len(first.files) == 1 else f"{why}: the top-level"
-    return Target(target, opts, _inherit(target, inherit), effective, why)
+    return Choice(target, opts, _inherit(target, inherit), effective, why)
 
 
 def _inherit(file: ConfigFile, version: int | None) -> int | None:
     """Imported files without ``version`` are read with the top-level's."""
     return None if file.via is None else version
+
+
+def unmet(merged: Merged, options: RuntimeOptions) -> list[str]:
+    """What containerd runs that differs from what ``options`` ask, each with the file that
+    sets it; [] when it runs what was asked."""
+    name, label = options.runtime_name, merged.rules.label
+    out = []
+    if merged.runtime.value is None:
+        out.append(f"{label} has no {name} runtime")
+    elif merged.binary.value != options.binary:
+        out.append(
+            f"{label}'s {name} runtime runs {merged.binary.value!r}, not {options.binary!r}"
+            + _set_in(merged.binary)
+        )
+    if options.set_as_default and merged.default_name != name:
+        out.append(
+            f"{label}'s default runtime is {merged.default_name!r}" + _set_in(merged.default)
+        )
+    cdi = merged.cdi
+    if options.enable_cdi and merged.rules.cdi_default is not None and cdi.value is not True:
+        out.append(f"{label} has enable_cdi = {_show(cdi.value)}" + _set_in(cdi))
+    return out
+
+
+def _set_in(setting: Setting) -> str:
+    return f" (set in {setting.source})" if setting.source else ""

@@ -48,11 +48,10 @@ from gpud.host.containerd_imports import (
     merge,
     plausible,
     rules_for,
+    unmet,
     would_import,
 )
 
-MICROK8S_TEMPLATE = "var/snap/microk8s/current/args/containerd-template.toml"
-CONTAINERD_CONFIG = "etc/containerd/config.toml"
 MICROK8S_RESTART = ("snap", "restart", "microk8s.daemon-containerd")
 CONTAINERD_RESTART = ("systemctl", "restart", "containerd")
 NEW_FILE_MODE = 0o644
@@ -102,21 +101,9 @@ class Result:
     removed_backups: tuple[Path, ...] = field(default=())
 
 
-def detect_target(root: Path = Path("/")) -> Target:
-    """Which containerd config this node uses, looked up under ``root`` (tests pass a fake tree).
-
-    A stopgap until platform discovery (gpud.host.platform) owns this decision: MicroK8s'
-    template when the snap or the template is there (MicroK8s regenerates containerd.toml from it
-    on every start, so that is the file to edit), else containerd's standard config.
-    """
-    template = root / MICROK8S_TEMPLATE
-    if (root / "snap/microk8s").exists() or template.exists():
-        return Target(template, "microk8s", MICROK8S_RESTART)
-    return Target(root / CONTAINERD_CONFIG, "containerd", CONTAINERD_RESTART)
-
-
 def target_for(path: Path) -> Target:
-    """An explicit ``--config``: MicroK8s' when it is a containerd-template.toml."""
+    """An explicit ``--config`` (without it, :func:`gpud.host.platform.discover` decides):
+    MicroK8s' when it is a containerd-template.toml."""
     if path.name == "containerd-template.toml":
         return Target(path, "microk8s", MICROK8S_RESTART)
     return Target(path, "containerd", CONTAINERD_RESTART)
@@ -179,7 +166,9 @@ class _Node:
 
     def judged_by(self, dumped: bool) -> str:
         if self.containerd is None or self.containerd.release is None:
-            return "the rules of containerd 1.x and 2.x (no containerd binary to ask)"
+            why = self.containerd.error if self.containerd else "no containerd binary to ask"
+            families = " and ".join(g.rules.label for g in self.graphs)
+            return f"the rules of {families} ({why})"
         how = "confirmed by its config dump" if dumped else "its rules (config dump not run)"
         return f"{self.containerd.label}: {how}"
 
@@ -189,36 +178,6 @@ def _read_node(path: Path, root: Path, containerd: Installed | None) -> _Node:
     release = containerd.release if containerd is not None else None
     graphs = tuple(load(top, view, rules) for rules in rules_for(release))
     return _Node(graphs if release else plausible(graphs), view, path, containerd)
-
-
-def gaps(merged: Merged, options: RuntimeOptions) -> list[str]:
-    """What differs from ``options`` in what containerd runs (per one rule set)."""
-    name = options.runtime_name
-    out = []
-    where = {
-        "runtime": merged.runtime.source,
-        "binary": merged.binary.source,
-        "default": merged.default.source,
-        "cdi": merged.cdi.source,
-    }
-    label = merged.rules.label
-    if merged.runtime.value is None:
-        out.append(f"{label} has no {name} runtime")
-    elif merged.binary.value != options.binary:
-        out.append(
-            f"{label}'s {name} runtime runs {merged.binary.value!r} (set in {where['binary']})"
-        )
-    if options.set_as_default and merged.default_name != name:
-        out.append(
-            f"{label}'s default runtime is {merged.default_name!r}"
-            + (f" (set in {where['default']})" if where["default"] else "")
-        )
-    if options.enable_cdi and merged.rules.cdi_default is not None and merged.cdi.value is not True:
-        out.append(
-            f"{label} has enable_cdi = {merged.cdi.value}"
-            + (f" (set in {where['cdi']})" if where["cdi"] else "")
-        )
-    return out
 
 
 def _dump_gaps(node: _Node, options: RuntimeOptions) -> list[str]:
@@ -275,6 +234,8 @@ class Inspection:
     problems: tuple[str, ...] = ()
     """Why containerd does not load what the files say, or gpud and containerd disagree."""
     notes: tuple[str, ...] = ()
+    unmet: tuple[str, ...] = ()
+    """How the runtime containerd runs differs from the one ``toolkit configure`` sets up."""
 
 
 def inspect(
@@ -324,7 +285,8 @@ def inspect(
         ).changed
     except ConfigError:
         unchanged = False
-    configured = unchanged and not problems and not any(gaps(v, options) for v in views)
+    missing = list(dict.fromkeys(m for v in views for m in unmet(v, options)))
+    configured = unchanged and not problems and not missing
     default = all(v.default_name == name for v in views)
     cdi_values = {v.cdi.value for v in views}
     cdi = cdi_values.pop() if len(cdi_values) == 1 else None  # 1.7 off, 2.x on by default
@@ -348,6 +310,7 @@ def inspect(
         node.judged_by(dumped is not None),
         tuple(problems),
         tuple(notes),
+        tuple(missing),
     )
 
 
@@ -410,7 +373,7 @@ def configure_file(
     )
     if not edit.changed:
         missing = [
-            g for graph in node.graphs for g in gaps(merge(graph, options.runtime_name), options)
+            g for graph in node.graphs for g in unmet(merge(graph, options.runtime_name), options)
         ]
         if missing:
             raise Refusal(f"gpud would change nothing in {file.shown}, yet {'; '.join(missing)}")
@@ -421,13 +384,12 @@ def configure_file(
         f"{file.name}{BACKUP_INFIX}20000101T000000Z",
         posixpath.join(directory, f".{base_name}.gpud.0.0.tmp"),
     ):
-        pattern = would_import(node.graphs[0], beside)
+        pattern = next((p for g in node.graphs if (p := would_import(g, beside))), None)
         if pattern is not None:
             raise Refusal(
                 f"{file.shown} decides the CRI settings, but containerd imports every file "
                 f"matching {View.shown(pattern)}: gpud's backup or temporary file beside it "
-                "would be loaded too; narrow the import (e.g. '*.toml') and run again",
-                file.shown,
+                "would be loaded too; narrow the import (e.g. '*.toml') and run again"
             )
 
     raw = file.text.encode("utf-8")
@@ -442,7 +404,7 @@ def configure_file(
     try:
         after = _read_node(path, root, containerd)
         missing = [
-            g for graph in after.graphs for g in gaps(merge(graph, options.runtime_name), options)
+            g for graph in after.graphs for g in unmet(merge(graph, options.runtime_name), options)
         ]
         missing += _dump_gaps(after, options)
     except (ConfigError, DumpError, OSError) as exc:

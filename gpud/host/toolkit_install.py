@@ -16,11 +16,14 @@ import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpud.atomic import write_atomic
 from gpud.host.commands import CommandRunner, missing, run_command
 from gpud.host.platform import under
+
+if TYPE_CHECKING:
+    from gpud.host.containerd_imports import Merged
 
 PACKAGE = "nvidia-container-toolkit"
 LIST_FILE = "/etc/apt/sources.list.d/nvidia-container-toolkit.list"
@@ -280,6 +283,8 @@ class ToolkitStatus:
     config_problems: tuple[str, ...] = ()
     """Why containerd does not load what the files say (imports, versions, disagreements)."""
     notes: tuple[str, ...] = ()
+    unmet: tuple[str, ...] = ()
+    """How the runtime containerd runs differs from what ``toolkit configure`` sets up."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -300,6 +305,7 @@ class ToolkitStatus:
                 "judged_by": self.judged_by,
                 "effective": self.effective,
                 "problems": list(self.config_problems),
+                "unmet": list(self.unmet),
                 "notes": list(self.notes),
             },
             "cdi": self.cdi_specs,
@@ -307,7 +313,7 @@ class ToolkitStatus:
         }
 
 
-def effective_dict(merged: Any) -> dict[str, Any]:
+def effective_dict(merged: Merged) -> dict[str, Any]:
     """A :class:`gpud.host.containerd_imports.Merged` as data: every setting containerd runs
     with the file that sets it (None: containerd's own default)."""
     return {
@@ -367,7 +373,7 @@ def _not_configured(s: ToolkitStatus) -> str:
     eff = s.effective or {}
     files = eff.get("files") or [s.config]
     where = s.config if len(files) == 1 else f"{s.config} with its imports ({', '.join(files[1:])})"
-    why = "; ".join(eff.get("overrides") or [])
+    why = "; ".join([*s.unmet, *(eff.get("overrides") or [])])
     return f"the nvidia runtime is not configured in {where}" + (f": {why}" if why else "")
 
 
@@ -409,6 +415,7 @@ def toolkit_status(root: Path = Path("/"), run: CommandRunner = run_command) -> 
         judged_by=report.judged_by,
         config_problems=report.problems,
         notes=report.notes,
+        unmet=report.unmet,
     )
     return replace(status, problems=judge_status(status))
 
