@@ -546,7 +546,7 @@ def test_without_a_binary_the_edit_holds_for_containerd_1_and_2(tmp_path):
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["file"] == str(mirror) and data["changed"]
-    assert data["containerd"].startswith("the rules of containerd 1.x and containerd 2.x")
+    assert data["judged_by"].startswith("the rules of containerd 1.x and containerd 2.x")
     for release in RELEASES:
         loaded = subprocess.run(
             [binary_of(release), "--config", str(config), "config", "dump"],

@@ -76,7 +76,7 @@ def toolkit_configure(args: argparse.Namespace, fmt: str) -> int:
         "restarted": result.restarted,
         "notes": list(result.notes),
         "changes": list(result.changes),
-        "containerd": result.judged_by,
+        "judged_by": result.judged_by,
         "effective": effective_dict(result.effective) if result.effective else None,
     }
     if fmt == "json":
@@ -132,7 +132,7 @@ def _table(data: dict[str, Any], restart: str, no_restart: bool) -> str:
         elif no_restart:
             lines.append(f"not restarted (--no-restart): run '{restart}' to apply")
     if data["effective"]:
-        lines += _effective_lines(data["effective"], data["containerd"])
+        lines += _effective_lines(data["effective"], data["judged_by"])
     lines += [f"note: {note}" for note in data["notes"]]
     return "\n".join(lines)
 

@@ -621,8 +621,8 @@ def _usual_key_step(doc: tomlkit.TOMLDocument) -> str | None:
                 continue
             key_indent = _first_key_indent(item)
             header = _header_indent(item)
-            shown = key_indent is not None and not item.is_super_table()
-            if shown and key_indent.startswith(header):
+            keyed = key_indent is not None and not item.is_super_table()
+            if keyed and key_indent.startswith(header):
                 step = key_indent[len(header) :]
                 counts[step] = counts.get(step, 0) + 1
             visit(item.value)

@@ -392,12 +392,12 @@ def configure_file(
                 "would be loaded too; narrow the import (e.g. '*.toml') and run again"
             )
 
-    raw = file.text.encode("utf-8")
-    backup = None
+    original, backup = None, None
     if file.exists:
+        original = edited.read_bytes()
         info = edited.stat()
         mode, owner = info.st_mode & 0o7777, (info.st_uid, info.st_gid)
-        backup = _backup(edited, edited.read_bytes(), mode, owner, now())
+        backup = _backup(edited, original, mode, owner, now())
     else:
         mode, owner = NEW_FILE_MODE, None
     _write(edited, edit.text.encode("utf-8"), mode, owner)
@@ -410,7 +410,7 @@ def configure_file(
     except (ConfigError, DumpError, OSError) as exc:
         missing = [str(exc)]
     if missing:
-        _put_back(edited, raw if file.exists else None, mode, owner, backup)
+        _put_back(edited, original, mode, owner, backup)
         raise VerifyError(
             f"after editing {file.shown}, {'; '.join(missing)}; {file.shown} was put back as it "
             "was (please report this)"
