@@ -350,7 +350,7 @@ def test_a_missing_import_is_refused(tmp_path):
         capture_output=True, text=True, cwd=node.root, check=False,
     )  # fmt: skip
     assert failed.returncode != 0  # containerd 1.6 does not start with it either
-    refuse(node, "/etc/containerd/conf.d/site.toml does not exist", "does not start")
+    refuse(node, "/etc/containerd/conf.d/site.toml does not exist", "containerd 1.6 does not start")
 
 
 def test_a_drop_in_of_another_version_is_refused(tmp_path):

@@ -41,8 +41,8 @@ scripts/setup installs, Debian's containerd 1.6.20 and 2.1.9, and kept true by t
   1), so a version 3 file loads but its CRI settings are ignored [observed 1.6.20]; containerd 2.x
   does not carry a version 1 file's CRI settings over [observed 2.1.9]; 2.0-2.2 refuse version 4,
   which 2.3 introduced with the CRI names of version 3.
-- A missing non-glob import: containerd 1.6 does not start ("failed to load TOML") [observed];
-  2.x silently stops at it, skipping every file still queued [observed 2.1.9].
+- A missing non-glob import: containerd 1.6 does not start ("failed to load TOML") [observed;
+  1.7 not checked]; 2.x silently stops at it, skipping every file still queued [observed 2.1.9].
 - ``enable_cdi``: containerd 1.6 has no such setting; 1.7 defaults it to false, 2.x to true
   [2.x observed].
 
@@ -279,7 +279,10 @@ def load(top: str, view: View, rules: Rules, read: Callable[[Path], str] = _read
 def _missing(name: str, pending: list[tuple[str, str | None]], rules: Rules) -> str:
     shown = View.shown(name)
     if rules.missing_import_fatal:
-        return f"imported file {shown} does not exist: {rules.label} does not start"
+        return (
+            f"imported file {shown} does not exist: {rules.label} cannot load the config "
+            "(containerd 1.6 does not start)"
+        )
     skipped = [View.shown(n) for n, _ in pending]
     rest = f", and skips {', '.join(skipped)}" if skipped else ""
     return f"imported file {shown} does not exist: {rules.label} ignores it{rest}"
