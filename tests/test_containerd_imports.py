@@ -242,6 +242,10 @@ def test_status_reports_what_containerd_loads(tmp_path, state, release):
         assert eff["runtime_file"] == "/etc/containerd/conf.d/99-nvidia.toml"
         assert eff["default_runtime_file"] == "/etc/containerd/conf.d/99-nvidia.toml"
         assert loaded["default"] == "runc" and ctr["default_runtime"] is False
+        if state == "gpu-operator":
+            # The operator's runtime, not the one gpud sets up: status says so.
+            assert loaded["nvidia"] == TOOLKIT and ctr["nvidia_runtime"] is False
+            assert any(TOOLKIT in u and "99-nvidia.toml" in u for u in ctr["unmet"])
         if release == "1.6":
             assert any("99-nvidia.toml replaces the whole" in o for o in eff["overrides"])
 

@@ -428,16 +428,12 @@ class Merged:
 
     rules: Rules
     files: tuple[str, ...]
-    cri_table: str
-    cri_file: str | None
-    """The last file that names the CRI plugin table (the one that decides under 1.x)."""
     runtimes: Mapping[str, Any]
     runtime: Setting
     binary: Setting
     default: Setting
     cdi: Setting
     overrides: tuple[str, ...]
-    problems: tuple[str, ...]
 
     @property
     def default_name(self) -> str:
@@ -469,7 +465,6 @@ def merge(graph: Graph, runtime_name: str = "nvidia") -> Merged:
     _, cri_table = cri_key(version)
     tables = [(f, _cri_of(f, version)) for f in graph.files]
     named = [(f, t) for f, t in tables if t is not None]
-    cri_file = named[-1][0].shown if named else None
     merged: dict[str, Any] = {}
     leaves: dict[tuple[str, ...], str] = {}  # path -> the file its value comes from
     mentions: dict[tuple[str, ...], list[str]] = {}  # table path -> every file that names it
@@ -510,11 +505,8 @@ def merge(graph: Graph, runtime_name: str = "nvidia") -> Merged:
     return Merged(
         graph.rules,
         tuple(f.shown for f in graph.files),
-        cri_table,
-        cri_file,
         runtimes,
         overrides=tuple(overrides),
-        problems=graph.problems,
         **settings,
     )
 
