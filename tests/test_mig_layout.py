@@ -173,10 +173,10 @@ def test_unknown_layout_name_lists_the_closest_first() -> None:
     assert isinstance(err.value, LayoutError)
 
 
-def test_empty_document_has_no_layouts() -> None:
-    assert parse("").names == ()
-    with pytest.raises(LayoutNotFound, match="defines none"):
-        select(parse("# nothing\n"), "all-disabled", DGX_A100)
+@pytest.mark.parametrize("text", ["", "# nothing\n", "version: v1\nmig-configs: {}\n"])
+def test_a_file_without_layouts_is_an_error_not_an_empty_set(text: str) -> None:
+    with pytest.raises(LayoutError, match="defines no layouts"):
+        parse(text)
 
 
 # ---- bad files ----------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import reprlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,18 +27,65 @@ from typing import Any
 import yaml
 
 from gpud.hw.types import MigLayoutState, MigMode
+from gpud.mig import bounded_yaml
 
 VERSION = "v1"
 _TOP_KEYS = ("version", "mig-configs")
 _ENTRY_KEYS = ("devices", "mig-enabled", "mig-devices", "device-filter")
+
+# ---- bounds -------------------------------------------------------------------------------------
+# Layout text comes from anyone in the gpud group (a dry run needs no root), so what reading it
+# may cost is bounded before anything is built. Each bound is far above what a real file needs:
+# mig-parted's own default config is 12 KiB, nests 5 levels and has about 1,300 nodes.
+
+MAX_LAYOUT_BYTES = 256 * 1024
+"""The largest layout text gpud reads (a file for ``-f``, ``mig.configFile``, a request)."""
+MAX_DEPTH = 16
+MAX_NODES = 20_000
+"""YAML nodes in one file, an alias counted once per use (so an alias bomb is refused)."""
+MAX_COUNT = 7
+"""No profile fits more than 7 times on one GPU (7 compute slices), so no count may be higher."""
+MAX_PROBLEMS = 20
+"""Problems listed in one refusal; the rest are counted."""
+
+
+class _Shown(reprlib.Repr):
+    """Values echoed in messages, cut short: the input may be large, the message should not be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = 60
+        self.maxlist = self.maxtuple = self.maxset = 6
+        self.maxdict = 4
+        self.maxlevel = 3
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() of a number of more than 4,300 digits raises; hex ones of any size parse.
+        if x.bit_length() > 64:
+            return f"<a {x.bit_length()}-bit number>"
+        return repr(x)
+
+    def repr_str(self, x: str, level: int) -> str:
+        return repr(x) if len(x) <= self.maxstring else repr(x[: self.maxstring - 3]) + "..."
+
+
+shown = _Shown().repr
+
+
+def cut(text: str, limit: int = 60) -> str:
+    """A name or path from the input, as a message quotes it."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 # ---- profile names ------------------------------------------------------------------------------
 
 PROFILE_ATTRS = ("+me", "+me.all", "-me", "+gfx")
 """Suffixes NVIDIA puts on profile names (media engines, graphics; mig-profiles.md §1.1)."""
 
+# Three digits at most: no GPU has more than 8 slices or 999 GB per instance, and an unbounded
+# number would be read by int() (which refuses more than 4,300 digits).
 _PROFILE = re.compile(
-    r"(?:(?P<c>[1-9][0-9]*)c\.)?(?P<g>[1-9][0-9]*)g\.(?P<m>[1-9][0-9]*)gb"
+    r"(?:(?P<c>[1-9][0-9]{0,2})c\.)?(?P<g>[1-9][0-9]{0,2})g\.(?P<m>[1-9][0-9]{0,2})gb"
     r"(?P<attr>\+me\.all|\+me|-me|\+gfx)?"
 )
 _PROFILE_GRAMMAR = (
@@ -117,10 +165,12 @@ class PciFilter:
 class GpuTarget:
     """What one GPU should look like: MIG on or off and its devices as (name, count), sorted by
     name, zero counts dropped. Names are as the file spells them; :mod:`gpud.mig.fit` resolves
-    them against the GPU's own profiles."""
+    them against the GPU's own profiles. ``named`` says the entry listed the GPU by index rather
+    than as one of ``all``: mig-parted skips a GPU without MIG only in the second case."""
 
     enabled: bool
     devices: tuple[tuple[str, int], ...] = ()
+    named: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,15 +236,10 @@ class LayoutNotFound(LayoutError):
 
 class _DuplicateKey(Exception):
     def __init__(self, line: int, key: object) -> None:
-        super().__init__(f"line {line}: duplicate key {key!r}")
+        super().__init__(f"line {line}: duplicate key {shown(key)}")
 
 
-# libyaml's parser when PyYAML was built with it: a tenth of the pure-Python parser's time, which
-# is most of a no-op apply.
-_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _StrictLoader(_BaseLoader):  # type: ignore[valid-type,misc]
+class _StrictLoader(bounded_yaml.BoundedLoader):
     """Refuses duplicate mapping keys: PyYAML would keep the last one silently, so a second
     ``all-balanced`` in a file would replace the first without anyone noticing."""
 
@@ -221,7 +266,7 @@ def _typename(value: object) -> str:
 
 
 def _unknown(path: str, key: object, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(key), known, n=1)
+    close = difflib.get_close_matches(cut(str(key)), known, n=1)
     hint = f"did you mean {close[0]}?" if close else "known: " + ", ".join(known)
     return f"{path}: unknown field ({hint})"
 
@@ -249,11 +294,11 @@ class _Parser:
             return {}
         for key in data:
             if key not in _TOP_KEYS:
-                self.problems.append(_unknown(str(key), key, _TOP_KEYS))
+                self.problems.append(_unknown(cut(str(key)), key, _TOP_KEYS))
         if "version" not in data:
             self.problem("version", f"required; this release reads 'version: {VERSION}'")
         elif data["version"] != VERSION:
-            self.problem("version", f"must be {VERSION!r} (got {data['version']!r})")
+            self.problem("version", f"must be {VERSION!r} (got {shown(data['version'])})")
         if "mig-configs" not in data:
             self.problem("mig-configs", "required: a mapping of layout names to lists of entries")
             return {}
@@ -266,7 +311,7 @@ class _Parser:
             return {}
         out: dict[str, tuple[LayoutEntry, ...]] = {}
         for name, entries in configs.items():
-            path = f"mig-configs.{name}"
+            path = f"mig-configs.{cut(str(name))}"
             if not isinstance(name, str) or not name:
                 self.problem(path, "a layout name must be a non-empty string")
                 continue
@@ -291,13 +336,13 @@ class _Parser:
         before = len(self.problems)
         for key in raw:
             if key not in _ENTRY_KEYS:
-                self.problems.append(_unknown(f"{path}.{key}", key, _ENTRY_KEYS))
+                self.problems.append(_unknown(f"{path}.{cut(str(key))}", key, _ENTRY_KEYS))
         devices = self.devices(f"{path}.devices", raw)
         enabled = raw.get("mig-enabled")
         if "mig-enabled" not in raw:
             self.problem(f"{path}.mig-enabled", "required (true or false)")
         elif not isinstance(enabled, bool):
-            self.problem(f"{path}.mig-enabled", f"expected true or false, got {enabled!r}")
+            self.problem(f"{path}.mig-enabled", f"expected true or false, got {shown(enabled)}")
         mig_devices = self.mig_devices(f"{path}.mig-devices", raw, enabled)
         filters = self.device_filter(f"{path}.device-filter", raw.get("device-filter"))
         if len(self.problems) > before or not isinstance(enabled, bool):
@@ -312,13 +357,15 @@ class _Parser:
         if value == "all":
             return None
         if not isinstance(value, list) or not value:
-            self.problem(path, f'expected "all" or a non-empty list of GPU indices, got {value!r}')
+            self.problem(
+                path, f'expected "all" or a non-empty list of GPU indices, got {shown(value)}'
+            )
             return None
         indices: list[int] = []
         for i, item in enumerate(value):
             if isinstance(item, bool) or not isinstance(item, int) or item < 0:
                 self.problem(
-                    f"{path}[{i}]", f"expected a GPU index (an integer >= 0), got {item!r}"
+                    f"{path}[{i}]", f"expected a GPU index (an integer >= 0), got {shown(item)}"
                 )
             else:
                 indices.append(item)
@@ -341,7 +388,7 @@ class _Parser:
             return ()
         out: list[tuple[str, int]] = []
         for name, count in value.items():
-            where = f"{path}.{name}"
+            where = f"{path}.{cut(str(name))}"
             if not isinstance(name, str):
                 self.problem(where, f"not a MIG profile name; {_PROFILE_GRAMMAR}")
                 continue
@@ -350,9 +397,15 @@ class _Parser:
             except ValueError as exc:
                 self.problem(where, str(exc))
             if isinstance(count, bool) or not isinstance(count, int):
-                self.problem(where, f"count must be a whole number (got {count!r})")
+                self.problem(where, f"count must be a whole number (got {shown(count)})")
             elif count < 0:
-                self.problem(where, f"count must be >= 0 (got {count})")
+                self.problem(where, f"count must be >= 0 (got {shown(count)})")
+            elif count > MAX_COUNT:
+                self.problem(
+                    where,
+                    f"count {shown(count)} is more than fit on a GPU: no profile fits more than "
+                    f"{MAX_COUNT} times",
+                )
             else:
                 out.append((name, count))
         if value and all(count == 0 for _, count in out) and len(out) == len(value):
@@ -366,7 +419,7 @@ class _Parser:
         items = value if isinstance(value, list) else [value]
         if not items or not isinstance(value, (list, str, int)) or isinstance(value, bool):
             self.problem(
-                path, f"expected a PCI ID string or a non-empty list of them, got {value!r}"
+                path, f"expected a PCI ID string or a non-empty list of them, got {shown(value)}"
             )
             return ()
         out: list[PciFilter] = []
@@ -377,10 +430,10 @@ class _Parser:
                 out.append(PciFilter(item))
                 continue
             if not isinstance(item, str) or not _PCI_ID.fullmatch(item):
-                shown = f"'0x{item:X}'" if number and item >= 0 else repr(item)
+                echo = f"'0x{item:X}'" if number and 0 <= item <= 0xFFFFFFFFFFFF else shown(item)
                 self.problem(
                     where,
-                    f"{shown} is not a PCI ID; expected 0xDDDDVVVV (device then vendor, "
+                    f"{echo} is not a PCI ID; expected 0xDDDDVVVV (device then vendor, "
                     "e.g. 0x20B010DE), optionally followed by :0xSSSSssss",
                 )
                 continue
@@ -390,32 +443,68 @@ class _Parser:
 
 
 def parse(text: str, source: str = "<layouts>") -> LayoutFile:
-    """Parse mig-parted v1 YAML (or JSON) text; LayoutError lists every problem found."""
+    """Parse mig-parted v1 YAML (or JSON) text; LayoutError lists every problem found.
+
+    Text over the bounds above is refused before it is parsed (size) or while it is (nesting,
+    nodes), and a file that defines no layout is an error: an empty file must not stand for
+    "the layouts I meant".
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_LAYOUT_BYTES:
+        raise LayoutError(source, (too_large(size),))
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
-    except _DuplicateKey as exc:
+        data = bounded_yaml.load(text, MAX_DEPTH, MAX_NODES, _StrictLoader)
+    except (_DuplicateKey, bounded_yaml.BoundsError) as exc:
         raise LayoutError(source, (str(exc),)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
         problem = getattr(exc, "problem", None) or str(exc)
-        raise LayoutError(source, (f"{where}: not valid YAML: {problem}",)) from None
+        raise LayoutError(source, (f"{where}: not valid YAML: {cut(problem, 200)}",)) from None
     parser = _Parser()
     configs = parser.document(data)
+    if not parser.problems and not configs:
+        parser.problem(
+            "mig-configs",
+            "the file defines no layouts (it is empty, or mig-configs has no entries)",
+        )
     if parser.problems:
-        raise LayoutError(source, tuple(parser.problems))
+        raise LayoutError(source, capped(parser.problems))
     return LayoutFile(configs, source)
+
+
+def too_large(size: int) -> str:
+    return (
+        f"{size} bytes is more than the {MAX_LAYOUT_BYTES // 1024} KiB a layout file may have "
+        "(mig-parted's default config has 12 KiB)"
+    )
+
+
+def capped(problems: Sequence[str]) -> tuple[str, ...]:
+    """The first MAX_PROBLEMS problems, then how many more there were."""
+    if len(problems) <= MAX_PROBLEMS:
+        return tuple(problems)
+    return (*problems[:MAX_PROBLEMS], f"... and {len(problems) - MAX_PROBLEMS} more problems")
 
 
 def load(path: Path) -> LayoutFile:
     """Read and parse a layout file; unreadable files are a LayoutError like bad ones."""
+    return parse(read_text(path), str(path))
+
+
+def read_text(path: Path) -> str:
+    """A layout file's text, refused without reading it all when it is over the size bound."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_LAYOUT_BYTES + 1)
+            if len(raw) > MAX_LAYOUT_BYTES:
+                f.seek(0, 2)
+                raise LayoutError(str(path), (too_large(f.tell()),))
+        return raw.decode("utf-8")
     except FileNotFoundError:
         raise LayoutError(str(path), ("file does not exist",)) from None
-    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise LayoutError(str(path), (f"cannot read: {exc}",)) from None
-    return parse(text, str(path))
 
 
 def bundled_text() -> str:
@@ -447,7 +536,7 @@ def select(config: LayoutFile, name: str, gpus: Sequence[tuple[int, int]]) -> di
         raise LayoutNotFound(config.source, (_not_found(name, config.names),))
     out: dict[int, GpuTarget] = {}
     for entry in entries:
-        target = entry.target
+        target = entry.target if entry.devices is None else replace(entry.target, named=True)
         for index, pci_device_id in gpus:
             if entry.matches(index, pci_device_id):
                 out[index] = target
@@ -455,11 +544,11 @@ def select(config: LayoutFile, name: str, gpus: Sequence[tuple[int, int]]) -> di
 
 
 def _not_found(name: str, names: Sequence[str]) -> str:
-    if not names:
-        return f"no layout named {name!r}: the file defines none"
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    close = difflib.get_close_matches(cut(name), names, n=5, cutoff=0.5)
     ordered = [*close, *sorted(n for n in names if n not in close)]
-    return f"no layout named {name!r}; available (closest first): {', '.join(ordered)}"
+    more = f" and {len(ordered) - 20} more" if len(ordered) > 20 else ""
+    listed = ", ".join(cut(n) for n in ordered[:20])
+    return f"no layout named {shown(name)}; available (closest first): {listed}{more}"
 
 
 # ---- export -------------------------------------------------------------------------------------
