@@ -7,7 +7,7 @@ NVIDIA's device plugin, a GPU marked unhealthy here can be returned to service
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from gpud.config.models import Health
@@ -44,13 +44,17 @@ def unhealthy_reason(event: HwEvent, policy: XidPolicy) -> str | None:
     return None
 
 
-def initial_reasons(gpus: Iterable[GpuInfo], known: Mapping[str, str]) -> dict[str, str]:
+def initial_reasons(
+    gpus: Iterable[GpuInfo], known: Mapping[str, str], mig_uuids: Collection[str] = ()
+) -> dict[str, str]:
     """Health reasons for a fresh inventory: what was already known, plus boards NVML lost.
 
-    Reasons for GPUs that are no longer present are dropped so a replaced board starts clean.
+    Reasons for GPUs and MIG devices (``mig_uuids``: those that exist now) that are no longer
+    present are dropped, so a replaced board or a re-created instance starts clean; a MIG
+    device's own reason survives every refresh while the instance exists.
     """
     present = {gpu.uuid: gpu for gpu in gpus}
-    reasons = {uuid: why for uuid, why in known.items() if uuid in present}
+    reasons = {uuid: why for uuid, why in known.items() if uuid in present or uuid in mig_uuids}
     for uuid, gpu in present.items():
         if gpu.lost and uuid not in reasons:
             reasons[uuid] = "GPU lost: NVML cannot reach it; reset the GPU or reboot the node"

@@ -74,7 +74,7 @@ def test_top_level_commands() -> None:
 
 
 def test_nested_commands_and_their_options() -> None:
-    assert complete("gpudctl", "mig", "") == ["apply", "export", "show", "validate"]
+    assert complete("gpudctl", "mig", "") == ["apply", "assert", "export", "show", "validate"]
     assert complete("gpudctl", "mig", "apply", "-") == [
         "--config-file",
         "--config-name",
@@ -103,6 +103,7 @@ def test_an_option_value_is_not_taken_for_a_command() -> None:
     assert "status" in complete("gpudctl", "--socket", "mig", "")
     assert complete("gpudctl", "--socket", "/tmp/gpud.sock", "mig", "") == [
         "apply",
+        "assert",
         "export",
         "show",
         "validate",

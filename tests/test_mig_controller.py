@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from gpud.config.models import MigStrategy
 from gpud.daemon.mig import MigController, Node, read_selection
 from gpud.hw.sim.backend import SimBackend
 from gpud.mig.store import MigStore
@@ -27,13 +28,15 @@ def test_layout_changes_are_announced_once_and_a_no_op_is_not(tmp_path: Path) ->
     node = Node(
         gpus=backend.gpus,
         pod_resources_socket=lambda: tmp_path / "no-kubelet.sock",
+        kubelet_found=lambda: None,
+        mig_strategy=lambda: MigStrategy.MIXED,
         withdraw=withdraw,
         refreshed=refreshed,
         layout_changed=changed,
     )
     mig = MigController(backend, MigStore(tmp_path / "state"), node)
     mig.recovered.set()
-    selection = read_selection("all-1g.5gb", "", "", None)
+    selection = read_selection("all-1g.5gb", None, "", None)
 
     async def scenario() -> None:
         first = await mig.apply(selection, dry_run=False, force=False)

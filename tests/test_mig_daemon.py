@@ -2,7 +2,7 @@
 
 gpud runs as a real process on the simulated backend (which enforces NVML's MIG rules and can
 kill gpud with SIGKILL right after any mutation); kubelet and its PodResources API are fakes
-speaking real gRPC on unix sockets.
+speaking real gRPC on unix sockets (tests/support/mignode.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import yaml
 from gpud._proto.gpud.v1 import gpud_pb2
 from gpud.hw.sim.backend import SimFaults, power_cycle_state, write_faults
 from tests.support.kubelet import HEALTHY
-from tests.support.node import Node, make_node
-from tests.support.podresources import FakePodResources, pod
+from tests.support.mignode import MigNode, start, stopped_after
+from tests.support.podresources import pod
 
 pytestmark = pytest.mark.integration
 
@@ -29,26 +29,10 @@ GPU = "nvidia.com/gpu"
 MIG_1G = "nvidia.com/mig-1g.5gb"
 
 
-def start(root: Path, spec: str, config: str = "version: v1\n") -> Node:
-    (root / "gpud.yaml").write_text(
-        config + f"paths:\n  podResourcesSocket: {root / 'podres' / 'kubelet.sock'}\n"
-    )
-    node = make_node(root, spec, extra=("--config", str(root / "gpud.yaml")))
-    node.kubelet.start()
-    node.gpud.start()
-    node.gpud.wait_ready()
-    return node
-
-
 @pytest.fixture
-def nodes(short_tmp: Path) -> Iterator[list[Node]]:
-    started: list[Node] = []
-    yield started
-    for node in started:
-        if node.gpud.running():
-            node.gpud.terminate()
-        node.kubelet.stop()
-        print(node.gpud.log())
+def nodes(short_tmp: Path) -> Iterator[list[MigNode]]:
+    with stopped_after() as started:
+        yield started
 
 
 def layouts_file(root: Path) -> Path:
@@ -63,20 +47,15 @@ def layouts_file(root: Path) -> Path:
     return path
 
 
-def instances(node: Node) -> dict[int, list[tuple[str, str]]]:
-    code, state = node.mig("show")
-    assert code == 0, state
-    return {
-        g["index"]: sorted((i["profile"], i["placement"]) for i in g["instances"])
-        for g in state["gpus"]
-    }
+def instances(node: MigNode) -> dict[int, list[tuple[str, str]]]:
+    return node.instances()
 
 
 BALANCED = [("1g.5gb", "2:1"), ("1g.5gb", "3:1"), ("2g.10gb", "0:2"), ("3g.20gb", "4:4")]
 
 
 def test_fixture_layout_gives_kubelet_56_mig_devices_and_a_second_apply_changes_nothing(
-    short_tmp: Path, nodes: list[Node]
+    short_tmp: Path, nodes: list[MigNode]
 ) -> None:
     node = start(short_tmp, "dgx-a100")
     nodes.append(node)
@@ -104,7 +83,7 @@ def test_fixture_layout_gives_kubelet_56_mig_devices_and_a_second_apply_changes_
 
 
 def test_layout_change_keeps_what_can_stay_and_reregisters_live(
-    short_tmp: Path, nodes: list[Node]
+    short_tmp: Path, nodes: list[MigNode]
 ) -> None:
     node = start(short_tmp, "a100-40gb:2")
     nodes.append(node)
@@ -134,7 +113,7 @@ def test_layout_change_keeps_what_can_stay_and_reregisters_live(
 
 @pytest.mark.parametrize("start_from", [None, "all-1g.5gb"])
 def test_kill_9_after_every_mutation_then_restart_converges(
-    short_tmp: Path, nodes: list[Node], start_from: str | None
+    short_tmp: Path, nodes: list[MigNode], start_from: str | None
 ) -> None:
     spec = "a100-40gb:1"
     node = start(short_tmp, spec)
@@ -179,7 +158,7 @@ def test_kill_9_after_every_mutation_then_restart_converges(
 
 
 def test_instance_used_by_a_pod_is_not_destroyed_unless_forced(
-    short_tmp: Path, nodes: list[Node]
+    short_tmp: Path, nodes: list[MigNode]
 ) -> None:
     node = start(short_tmp, "a100-40gb:2")
     nodes.append(node)
@@ -189,31 +168,29 @@ def test_instance_used_by_a_pod_is_not_destroyed_unless_forced(
     doomed = next(i["mig_uuid"] for i in state["gpus"][1]["instances"] if i["placement"] == "5:1")
     kept = next(i["mig_uuid"] for i in state["gpus"][0]["instances"] if i["placement"] == "2:1")
     assert {doomed, kept} <= set(devices)
-    podres = FakePodResources(
-        short_tmp / "podres" / "kubelet.sock",
-        [
-            pod("ml", "train-0", main={MIG_1G: [f"{doomed}::0"]}),
-            pod("ml", "serve-1", web={MIG_1G: [kept]}),
-        ],
-    ).start()
-    try:
-        out = node.gpudctl("mig", "apply", "-c", "all-balanced")
-        assert out.returncode == 1
-        assert f"ml/train-0/main uses {doomed} (GPU 1)" in out.stderr
-        assert "serve-1" not in out.stderr  # its instance stays where it is
-        assert "--force" in out.stderr
-        assert instances(node)[1] == sorted([("1g.5gb", f"{i}:1") for i in range(7)])
-        assert podres.calls == ["List"]
+    assert node.podres is not None
+    node.podres.pods = [
+        pod("ml", "train-0", main={MIG_1G: [f"{doomed}::0"]}),
+        pod("ml", "serve-1", web={MIG_1G: [kept]}),
+    ]
+    asked = len(node.podres.calls)
+    out = node.gpudctl("mig", "apply", "-c", "all-balanced")
+    assert out.returncode == 1
+    assert f"ml/train-0/main uses {doomed} (GPU 1)" in out.stderr
+    assert "serve-1" not in out.stderr  # its instance stays where it is
+    assert "--force" in out.stderr
+    assert instances(node)[1] == sorted([("1g.5gb", f"{i}:1") for i in range(7)])
+    assert node.podres.calls[asked:] == ["List"]
 
-        code, forced = node.mig("apply", "-c", "all-balanced", "--force")
-        assert code == 0 and forced["result"] == "applied", forced
-        assert instances(node) == {0: BALANCED, 1: BALANCED}
-    finally:
-        podres.stop()
+    code, forced = node.mig("apply", "-c", "all-balanced", "--force")
+    assert code == 0 and forced["result"] == "applied", forced
+    skipped = "--force: pods (kubelet) and processes using the devices were not checked"
+    assert skipped in forced["message"]
+    assert instances(node) == {0: BALANCED, 1: BALANCED}
 
 
 def test_a_process_on_an_instance_blocks_and_nvml_still_refuses_when_forced(
-    short_tmp: Path, nodes: list[Node]
+    short_tmp: Path, nodes: list[MigNode]
 ) -> None:
     node = start(short_tmp, "a100-40gb:1")
     nodes.append(node)
@@ -240,7 +217,7 @@ def test_a_process_on_an_instance_blocks_and_nvml_still_refuses_when_forced(
 
 
 def test_a_layout_that_does_not_fit_is_refused_before_any_mutation(
-    short_tmp: Path, nodes: list[Node]
+    short_tmp: Path, nodes: list[MigNode]
 ) -> None:
     node = start(short_tmp, "a100-40gb:1")
     nodes.append(node)
@@ -260,7 +237,7 @@ def test_a_layout_that_does_not_fit_is_refused_before_any_mutation(
 
 
 def test_the_selected_layout_is_recreated_after_a_reboot(
-    short_tmp: Path, nodes: list[Node]
+    short_tmp: Path, nodes: list[MigNode]
 ) -> None:
     node = start(short_tmp, "a100-40gb:1")
     nodes.append(node)
@@ -274,7 +251,7 @@ def test_the_selected_layout_is_recreated_after_a_reboot(
     assert all(d.health == HEALTHY for d in devices.values())
 
 
-def test_mig_apply_needs_root_but_a_dry_run_does_not(short_tmp: Path, nodes: list[Node]) -> None:
+def test_mig_apply_needs_root_but_a_dry_run_does_not(short_tmp: Path, nodes: list[MigNode]) -> None:
     node = start(short_tmp, "a100-40gb:1")
     nodes.append(node)
     short_tmp.chmod(0o755)
@@ -285,7 +262,7 @@ def test_mig_apply_needs_root_but_a_dry_run_does_not(short_tmp: Path, nodes: lis
 
 
 def test_time_slicing_from_the_nvidia_device_plugin_config_unchanged(
-    short_tmp: Path, nodes: list[Node]
+    short_tmp: Path, nodes: list[MigNode]
 ) -> None:
     nvidia = FIXTURES / "nvidia-device-plugin-config.yaml"
     copy = short_tmp / "nvidia-plugin.yaml"
@@ -307,7 +284,7 @@ def test_time_slicing_from_the_nvidia_device_plugin_config_unchanged(
     assert resp.envs["NVIDIA_VISIBLE_DEVICES"] == uuids[3]
 
 
-def test_rename_by_default_advertises_gpu_shared(short_tmp: Path, nodes: list[Node]) -> None:
+def test_rename_by_default_advertises_gpu_shared(short_tmp: Path, nodes: list[MigNode]) -> None:
     sharing = yaml.safe_dump(
         {
             "sharing": {
@@ -331,7 +308,7 @@ def test_rename_by_default_advertises_gpu_shared(short_tmp: Path, nodes: list[No
 
 
 def test_devices_are_withdrawn_from_kubelet_before_the_first_mutation(
-    short_tmp: Path, nodes: list[Node]
+    short_tmp: Path, nodes: list[MigNode]
 ) -> None:
     node = start(short_tmp, "a100-40gb:2")
     nodes.append(node)
@@ -352,17 +329,34 @@ def test_devices_are_withdrawn_from_kubelet_before_the_first_mutation(
     assert len(seen[-1]) == 4 and set(seen[-1].values()) == {HEALTHY}
 
 
-def test_single_strategy_on_mixed_profiles_is_reported_and_keeps_the_old_advertisement(
-    short_tmp: Path, nodes: list[Node]
+def test_single_strategy_refuses_mixed_profiles_and_never_leaves_kubelet_stale_devices(
+    short_tmp: Path, nodes: list[MigNode]
 ) -> None:
     node = start(short_tmp, "a100-40gb:1", "version: v1\ndevicePlugin:\n  migStrategy: single\n")
     nodes.append(node)
     assert node.mig("apply", "-c", "all-1g.5gb")[0] == 0
-    node.kubelet.wait_devices(GPU, lambda d: len(d) == 7)  # single: MIG devices as nvidia.com/gpu
-    assert node.mig("apply", "-c", "all-balanced")[0] == 0
+    seven = node.kubelet.wait_devices(GPU, lambda d: len(d) == 7)  # MIG devices as nvidia.com/gpu
+    held = node.instances()
+
+    # The dry run says what the apply would do: refuse, before any mutation.
+    code, dry = node.mig("apply", "-c", "all-balanced", "--dry-run")
+    assert (code, dry["result"], dry["error_kind"]) == (1, "failed", "refused"), dry
+    assert "single needs one MIG profile" in dry["message"]
+    assert dry["plan"], "the plan is shown with the refusal"
+    code, out = node.mig("apply", "-c", "all-balanced")
+    assert (code, out["mutations"], out["error_kind"]) == (1, 0, "refused"), out
+    assert "--force" in out["message"]
+    assert node.instances() == held
+    assert set(node.kubelet.devices(GPU)) == set(seven) and node.kubelet.allocatable(GPU) == 7
+
+    # Forced: applied, and kubelet keeps no ID of an instance that was destroyed.
+    code, forced = node.mig("apply", "-c", "all-balanced", "--force")
+    assert code == 0 and forced["result"] == "applied", forced
+    assert "--force: migStrategy single cannot advertise the result" in forced["message"]
+    live = {i["mig_uuid"] for g in node.state()["gpus"] for i in g["instances"]}
+    kept = node.kubelet.wait_devices(GPU, lambda d: set(d) <= live)
+    assert len(kept) == 2 and set(kept) < set(seven)  # the two 1g.5gb that stayed where they were
     status = node.gpud.status()
     assert "single needs one MIG profile" in status.resource_error
     assert "use migStrategy mixed" in status.resource_error
     assert "cannot advertise as configured" in node.gpudctl("status").stdout
-    # What kubelet still has is the withdrawn list: nothing it could hand out.
-    assert node.kubelet.allocatable(GPU) == 0

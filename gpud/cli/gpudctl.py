@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="destroy instances even while pods or processes use them",
     )
     _add_output(apply)
+    check = msub.add_parser(
+        "assert", help="exit 0 if the GPUs hold a layout, 1 listing the differences if not"
+    )
+    check.add_argument("-c", "--config-name", required=True, metavar="NAME", help="layout name")
+    check.add_argument(
+        "-f", "--config-file", metavar="FILE", help="mig-parted config (default: gpud's layouts)"
+    )
+    _add_output(check)
     _add_output(msub.add_parser("show", help="MIG mode and instances of every GPU"))
     export = msub.add_parser("export", help="the current layout as a mig-parted config")
     export.add_argument(
@@ -145,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     xid = gsub.add_parser("inject-xid", help="raise an XID error on a simulated GPU")
     xid.add_argument("--gpu", type=int, required=True, metavar="INDEX")
     xid.add_argument("--xid", type=int, required=True, metavar="N")
+    xid.add_argument("--gi", type=int, metavar="ID", help="scope it to this GPU instance")
+    xid.add_argument("--ci", type=int, metavar="ID", help="and this compute instance in it")
     lost = gsub.add_parser("inject-gpu-lost", help="make a simulated GPU fall off the bus")
     lost.add_argument("--gpu", type=int, required=True, metavar="INDEX")
     proc = gsub.add_parser("inject-process", help="pretend a process uses a simulated GPU")
@@ -218,8 +228,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             lambda s: s.SetDeviceHealthy,
             gpud_pb2.SetDeviceHealthyRequest(uuid=args.uuid),
         )
-        gpu = output.gpu_dict(reply.gpu)
-        print(output.render(gpu, fmt, f"GPU {gpu['index']} ({gpu['uuid']}) is back in service"))
+        print(output.render(output.gpu_dict(reply.gpu), fmt, reply.message))
     elif args.command == "config" and args.config_command == "reload":
         reply = _call(args.socket, lambda s: s.ReloadConfig, gpud_pb2.ReloadConfigRequest())
         print(f"reloaded {reply.config_file or 'built-in defaults'}")
@@ -236,13 +245,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         verb = "no longer uses" if args.remove else "now uses"
         print(f"pid {args.pid} {verb} GPU {args.gpu}{' ' + args.mig if args.mig else ''}")
     elif args.debug_command == "inject-xid":
+        if args.ci is not None and args.gi is None:
+            raise Failure("--ci needs --gi: a compute instance is inside a GPU instance", 2)
         reply = _call(
             args.socket,
             lambda s: s.InjectXid,
-            gpud_pb2.InjectXidRequest(gpu_index=args.gpu, xid=args.xid),
+            gpud_pb2.InjectXidRequest(
+                gpu_index=args.gpu, xid=args.xid, gi_id=args.gi, ci_id=args.ci
+            ),
         )
         effect = "marked Unhealthy" if reply.marked_unhealthy else "ignored (application XID)"
-        print(f"XID {args.xid} on GPU {args.gpu} ({reply.uuid}): {effect}")
+        scope = "" if args.gi is None else f" GPU instance {args.gi}"
+        scope += "" if args.ci is None else f" compute instance {args.ci}"
+        print(f"XID {args.xid} on GPU {args.gpu}{scope} ({reply.uuid}): {effect}")
     else:
         reply = _call(
             args.socket,
@@ -253,27 +268,51 @@ def _dispatch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _read_file(path: str) -> str:
+def _read_layouts(path: str) -> str:
+    """A layout file's text, refused here when it is over gpud's size bound: sent as it is, a
+    large file would meet gRPC's message limit and its raw error instead."""
+    from gpud.mig.layout import LayoutError, read_text
+
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Failure(f"cannot read {path}: {exc}", EXIT_INVALID) from None
+        return read_text(Path(path))
+    except LayoutError as exc:
+        raise Failure(str(exc), EXIT_INVALID) from None
+
+
+def _layout_source(args: argparse.Namespace) -> dict[str, str]:
+    """The request fields naming the layout file; none (gpud's own layouts) without ``-f``."""
+    if not args.config_file:
+        return {}
+    return {
+        "config_yaml": _read_layouts(args.config_file),
+        "config_source": str(Path(args.config_file).resolve()),
+    }
 
 
 def _mig(args: argparse.Namespace, fmt: str) -> int:
     from gpud._proto.gpud.v1 import gpud_pb2
     from gpud.cli import output
 
+    if args.mig_command == "assert":
+        found = _call(
+            args.socket,
+            lambda s: s.AssertMigLayout,
+            gpud_pb2.AssertMigLayoutRequest(config_name=args.config_name, **_layout_source(args)),
+        )
+        data = {"applied": found.applied, "differences": list(found.differences)}
+        lines = [f"layout {args.config_name!r} is {'' if found.applied else 'not '}applied"]
+        lines += [f"  {d}" for d in found.differences]
+        print(output.render(data, fmt, "\n".join(lines)))
+        return EXIT_OK if found.applied else EXIT_FAILED
     if args.mig_command == "apply":
         reply = _call(
             args.socket,
             lambda s: s.ApplyMigLayout,
             gpud_pb2.ApplyMigLayoutRequest(
                 config_name=args.config_name,
-                config_yaml=_read_file(args.config_file) if args.config_file else "",
-                config_source=str(Path(args.config_file).resolve()) if args.config_file else "",
                 dry_run=args.dry_run,
                 force=args.force,
+                **_layout_source(args),
             ),
         )
         data = output.apply_dict(reply)
@@ -304,10 +343,10 @@ def _validate_layouts(path: str, name: str | None) -> int:
     Whether a layout fits the GPUs of a node is for that node's gpud to say:
     ``gpudctl mig apply --dry-run``.
     """
-    from gpud.mig.layout import LayoutError, parse
+    from gpud.mig.layout import LayoutError, load
 
     try:
-        config = parse(_read_file(path), path)
+        config = load(Path(path))
     except LayoutError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
@@ -325,11 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config" and args.config_command == "validate":
         return validate_config(args.file)
     if args.command == "mig" and args.mig_command == "validate":
-        try:
-            return _validate_layouts(args.config_file, args.config_name)
-        except Failure as exc:
-            print(f"gpudctl: {exc}", file=sys.stderr)
-            return exc.code
+        return _validate_layouts(args.config_file, args.config_name)
     if args.command == "doctor":
         from gpud.cli.doctor import doctor_command
 

@@ -173,6 +173,8 @@ def mig_dict(state: gpud_pb2.MigStateResponse) -> dict[str, Any]:
         "mig_strategy": state.mig_strategy,
         "last_apply": state.last_apply,
         "last_error": state.last_error,
+        "lock_longest_held_s": round(state.lock_longest_held_s, 3),
+        "lock_longest_held_by": state.lock_longest_held_by,
         "gpus": [
             {
                 "index": g.index,

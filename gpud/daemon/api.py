@@ -16,14 +16,14 @@ from gpud import __version__
 from gpud._proto.gpud.v1 import gpud_pb2, gpud_pb2_grpc
 from gpud.config.load import ConfigError
 from gpud.daemon.gateway import Gateway, peer_uid
-from gpud.daemon.mig import Refused, read_selection
+from gpud.daemon.mig import MigController, Refused, read_selection
 from gpud.health import unhealthy_reason
 from gpud.hw.backend import FaultInjector
 from gpud.hw.errors import ErrorKind, HwError
 from gpud.hw.types import GpuInfo
 from gpud.mig.layout import export
 from gpud.mig.planner import Step
-from gpud.mig.store import StoreCorrupt
+from gpud.mig.store import Selection, StoreCorrupt
 
 if TYPE_CHECKING:
     from gpud.daemon.daemon import Daemon
@@ -63,15 +63,9 @@ class MigServicerMixin:
     ) -> gpud_pb2.ApplyMigLayoutResponse:
         if not request.dry_run:
             await _require_root(context, "mig apply")
-        mig = self.daemon.mig
-        if mig is None or self.daemon.backend_error:
-            reason = self.daemon.backend_error or "this backend cannot do MIG"
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"MIG unavailable: {reason}")
-        cfg = self.daemon.settings.config.mig
+        mig = await self._mig(context)
         try:
-            selection = read_selection(
-                request.config_name, request.config_yaml, request.config_source, cfg.config_file
-            )
+            selection = self._selection(request)
         except Refused as exc:
             return gpud_pb2.ApplyMigLayoutResponse(
                 result="failed", message=str(exc), error_kind=exc.kind
@@ -85,6 +79,34 @@ class MigServicerMixin:
             error_kind=outcome.error_kind,
             in_use_by=list(outcome.in_use_by),
         )
+
+    def _selection(
+        self, request: gpud_pb2.ApplyMigLayoutRequest | gpud_pb2.AssertMigLayoutRequest
+    ) -> Selection:
+        text = request.config_yaml if request.HasField("config_yaml") else None
+        return read_selection(
+            request.config_name,
+            text,
+            request.config_source,
+            self.daemon.settings.config.mig.config_file,
+        )
+
+    async def _mig(self, context: grpc.aio.ServicerContext) -> MigController:
+        mig = self.daemon.mig
+        if mig is None or self.daemon.backend_error:
+            reason = self.daemon.backend_error or "this backend cannot do MIG"
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"MIG unavailable: {reason}")
+        return mig
+
+    async def AssertMigLayout(
+        self, request: gpud_pb2.AssertMigLayoutRequest, context: grpc.aio.ServicerContext
+    ) -> gpud_pb2.AssertMigLayoutResponse:
+        mig = await self._mig(context)
+        try:
+            found = await mig.differences(self._selection(request))
+        except Refused as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return gpud_pb2.AssertMigLayoutResponse(applied=not found, differences=found)
 
     async def GetMigState(
         self, request: gpud_pb2.GetMigStateRequest, context: grpc.aio.ServicerContext
@@ -114,6 +136,7 @@ class MigServicerMixin:
                         mig_uuid=ci.mig_uuid,
                     )
         reply.export_yaml = export(list(states.values()))
+        reply.lock_longest_held_s, reply.lock_longest_held_by = d.mig.longest_hold
         try:
             selection = d.mig.store.selection()
             journal = d.mig.store.journal()
@@ -207,7 +230,7 @@ class ControlServicer(MigServicerMixin, gpud_pb2_grpc.GpudServicer):
     ) -> gpud_pb2.SetDeviceHealthyResponse:
         await _require_root(context, "device set-healthy")
         try:
-            gpu = await self.daemon.set_healthy(request.uuid)
+            gpu, message = await self.daemon.set_healthy(request.uuid)
         except KeyError:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
@@ -215,7 +238,7 @@ class ControlServicer(MigServicerMixin, gpud_pb2_grpc.GpudServicer):
             )
         except LookupError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        return gpud_pb2.SetDeviceHealthyResponse(gpu=self._gpu(gpu))
+        return gpud_pb2.SetDeviceHealthyResponse(gpu=self._gpu(gpu), message=message)
 
     def _injector(self) -> FaultInjector | None:
         backend = self.daemon.backend
@@ -243,8 +266,9 @@ class ControlServicer(MigServicerMixin, gpud_pb2_grpc.GpudServicer):
         injector = self._injector()
         if injector is None:
             await self._no_injector(context)
+        scope = {key: getattr(request, key) for key in ("gi_id", "ci_id") if request.HasField(key)}
         try:
-            event = injector.inject_xid(request.gpu_index, request.xid)
+            event = injector.inject_xid(request.gpu_index, request.xid, **scope)
         except HwError as exc:
             await self._hw_error(context, exc)
         await self.daemon.reconcile()

@@ -33,7 +33,7 @@ from gpud.hw.types import NO_INSTANCE, EventKind, GpuInfo, HwEvent, SystemInfo
 from gpud.mig.store import MigStore, StoreCorrupt
 from gpud.resources.allocate import CONTROL_DEVICE_PATHS
 from gpud.resources.mig import caps_reader, mig_uuids_for_event
-from gpud.resources.sets import StrategyError, build_resource_sets
+from gpud.resources.sets import StrategyError, build_resource_sets, still_present
 from gpud.resources.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class Daemon:
             node = Node(
                 gpus=lambda: self.gpus,
                 pod_resources_socket=lambda: self.settings.pod_resources_socket,
+                kubelet_found=self._kubelet_found,
+                mig_strategy=lambda: self.settings.config.device_plugin.mig_strategy,
                 withdraw=self._withdraw,
                 refreshed=self._refresh_inventory,
                 layout_changed=self._refresh_cdi,
@@ -147,12 +149,20 @@ class Daemon:
             mig_cfg = self.settings.config.mig
             configured = None
             if mig_cfg.layout:
-                configured = read_selection(mig_cfg.layout, "", "", mig_cfg.config_file)
+                configured = read_selection(mig_cfg.layout, None, "", mig_cfg.config_file)
             await self.mig.recover(configured)
         except (StoreCorrupt, Refused, HwError) as exc:
             log.error("MIG layout not restored at start: %s", exc)
         finally:
             self.mig.recovered.set()
+
+    def _kubelet_found(self) -> Path | None:
+        """kubelet's device-plugin or pod-resources directory when either exists: kubelet is
+        installed here, even if it is not running now."""
+        for path in (self.settings.kubelet_dir, self.settings.pod_resources_socket.parent):
+            if path.is_dir():
+                return path
+        return None
 
     async def _withdraw(self, gpu_uuids: frozenset[str]) -> None:
         self.withdrawn = gpu_uuids
@@ -187,7 +197,14 @@ class Daemon:
 
     def _set_inventory(self, gpus: tuple[GpuInfo, ...]) -> None:
         self.gpus = gpus
-        self.reasons = initial_reasons(gpus, self.reasons)
+        states = self.mig.node.states if self.mig is not None else {}
+        mig_uuids = {
+            ci.mig_uuid
+            for state in states.values()
+            for gi in state.instances
+            for ci in gi.compute_instances
+        }
+        self.reasons = initial_reasons(gpus, self.reasons, mig_uuids)
         self._topology = Topology.from_gpus(gpus)
         self._control_devices = tuple(p for p in CONTROL_DEVICE_PATHS if os.path.exists(p))
         for gpu in gpus:
@@ -240,10 +257,18 @@ class Daemon:
                 self._caps,
             )
         except StrategyError as exc:
-            # Keep advertising what kubelet has: taking everything away is worse than a stale set.
             if str(exc) != self.resource_error:
                 log.error("cannot advertise this node's devices: %s", exc)
             self.resource_error = str(exc)
+            # Keep what kubelet has rather than take everything away, but not the devices that
+            # are gone: kubelet would hand a destroyed instance's ID to the next pod.
+            current = self.manager.snapshots()
+            kept = still_present(
+                (s.resources for s in current.values()), self.gpus, states, unhealthy
+            )
+            await self.manager.apply(
+                {r.resource: dataclasses.replace(current[r.resource], resources=r) for r in kept}
+            )
             return
         self.resource_error = ""
         if built.warnings != self._warned:
@@ -285,9 +310,20 @@ class Daemon:
         log.error("GPU unhealthy: %s", reason, extra=extra)
         targets: tuple[str, ...] = (event.uuid,)
         gpu = next(g for g in self.gpus if g.uuid == event.uuid)
-        state = self.mig.node.states.get(gpu.index) if self.mig is not None else None
-        if state is not None and event.gi_id != NO_INSTANCE:
-            targets = mig_uuids_for_event(state, event.gi_id, event.ci_id) or targets
+        if event.gi_id != NO_INSTANCE:
+            state = self.mig.node.states.get(gpu.index) if self.mig is not None else None
+            scoped = mig_uuids_for_event(state, event.gi_id, event.ci_id) if state else ()
+            if scoped:
+                targets = scoped
+            else:
+                log.warning(
+                    "XID %d is scoped to GPU instance %d, which GPU %d does not hold (now); "
+                    "taking the whole GPU out of service",
+                    event.xid,
+                    event.gi_id,
+                    gpu.index,
+                    extra=extra,
+                )
         for uuid in targets:
             self.reasons[uuid] = reason
         if event.kind is EventKind.GPU_LOST:
@@ -297,21 +333,34 @@ class Daemon:
         self._dirty.set()
         return reason
 
-    async def set_healthy(self, uuid: str) -> GpuInfo:
-        """Return a GPU (with all its MIG devices) or one MIG device to service."""
+    async def set_healthy(self, uuid: str) -> tuple[GpuInfo, str]:
+        """Return a GPU (with all its MIG devices) or one MIG device to service; the GPU and what
+        happened. LookupError, with what to do, when it cannot be (the GPU is lost, or the MIG
+        device's GPU is itself out of service)."""
         gpu = self.gpu_by_uuid(uuid)
         if gpu.lost:
             raise LookupError(
                 f"GPU {gpu.index} ({gpu.uuid}) is lost to NVML; reset it or reboot, then try again"
             )
+        if uuid != gpu.uuid and gpu.uuid in self.reasons:
+            raise LookupError(
+                f"{uuid} is on GPU {gpu.index} ({gpu.uuid}), which is itself out of service "
+                f"({self.reasons[gpu.uuid]}); its MIG devices stay Unhealthy with it and nothing "
+                f"was changed. Once the GPU is repaired: sudo gpudctl device set-healthy {gpu.uuid}"
+            )
         cleared = {uuid}
         if uuid == gpu.uuid and self.mig is not None and gpu.index in self.mig.node.states:
             state = self.mig.node.states[gpu.index]
             cleared |= {ci.mig_uuid for gi in state.instances for ci in gi.compute_instances}
-        if any(self.reasons.pop(u, None) is not None for u in sorted(cleared)):
+        was_out = [u for u in sorted(cleared) if self.reasons.pop(u, None) is not None]
+        what = f"GPU {gpu.index} ({gpu.uuid})" if uuid == gpu.uuid else f"{uuid} (GPU {gpu.index})"
+        if was_out:
             log.info("returned to service by the operator", extra={"GPU_UUID": uuid})
+            message = f"{what} is back in service"
+        else:
+            message = f"{what} was not out of service; nothing changed"
         await self.reconcile()
-        return gpu
+        return gpu, message
 
     def gpu_by_uuid(self, uuid: str) -> GpuInfo:
         """The physical GPU of a GPU or MIG UUID; KeyError when neither is on this node."""

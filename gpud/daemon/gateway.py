@@ -107,6 +107,11 @@ class Gateway:
             self._relays.add(task)
         try:
             await self._relay(reader, writer)
+        except asyncio.CancelledError:
+            # stop() ends the relays of connected clients. Ending quietly is the whole point: the
+            # stream server of Python 3.11 asks a cancelled task for its exception and logs the
+            # CancelledError that raises, with a traceback, on every shutdown with a client.
+            pass
         finally:
             if task is not None:
                 self._relays.discard(task)

@@ -15,24 +15,31 @@ half-built is left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpud.config.models import MigStrategy
 from gpud.hw.backend import MigBackend
 from gpud.hw.errors import HwError
-from gpud.hw.types import GpuInfo, MigLayoutState
+from gpud.hw.types import GpuInfo, MigLayoutState, MigMode
 from gpud.k8s.podresources import PodResourcesUnavailable, list_device_users, users_of
 from gpud.mig import layout
-from gpud.mig.fit import FitError, resolve
+from gpud.mig.fit import TIMES, FitError, ResolvedTarget, product, resolve
+from gpud.mig.layout import GpuTarget, LayoutFile, device_counts, shown
 from gpud.mig.planner import Step, plan
 from gpud.mig.store import Journal, MigStore, Selection
+from gpud.resources.sets import single_strategy_problem
 
 log = logging.getLogger(__name__)
 
-PODRESOURCES_TIMEOUT_S = 10.0
+# kubelet answers List in milliseconds; one that has not answered in 5 s is hung, and an apply
+# waits for it holding the MIG lock.
+PODRESOURCES_TIMEOUT_S = 5.0
 BUNDLED_SOURCE = "gpud's bundled layouts"
 
 
@@ -50,10 +57,17 @@ class Outcome:
 
 
 class Refused(Exception):
-    def __init__(self, message: str, kind: str, in_use_by: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        kind: str,
+        in_use_by: Sequence[str] = (),
+        steps: tuple[Step, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.in_use_by = tuple(in_use_by)
+        self.steps = steps
 
 
 @dataclass
@@ -62,6 +76,10 @@ class Node:
 
     gpus: Callable[[], Sequence[GpuInfo]]
     pod_resources_socket: Callable[[], Path]
+    # The kubelet directory found on this node (device plugins or pod resources), None when
+    # kubelet is not installed: only then may an apply go ahead without asking kubelet.
+    kubelet_found: Callable[[], Path | None]
+    mig_strategy: Callable[[], MigStrategy]
     # Withdraw (or, with an empty set, restore) the devices of these physical GPUs and wait
     # until kubelet has been told.
     withdraw: Callable[[frozenset[str]], Awaitable[None]]
@@ -73,54 +91,163 @@ class Node:
     states: dict[int, MigLayoutState] = field(default_factory=dict)
 
 
-def read_selection(name: str, text: str, source: str, config_file: Path | None) -> Selection:
-    """The layout source for a request: the text sent, else the configured file, else bundled."""
-    if text:
-        return Selection(name, text, source or "<request>")
+def read_selection(name: str, text: str | None, source: str, config_file: Path | None) -> Selection:
+    """The layout source for a request: the text sent (even empty: an empty file is an error,
+    never a reason to fall back), else the configured file, else gpud's bundled layouts."""
+    if text is not None:
+        return Selection(name, text, layout.cut(source, 200) or "<request>")
     if config_file is not None:
         try:
-            return Selection(name, config_file.read_text(encoding="utf-8"), str(config_file))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise Refused(f"cannot read mig.configFile {config_file}: {exc}", "invalid") from None
+            return Selection(name, layout.read_text(config_file), str(config_file))
+        except layout.LayoutError as exc:
+            raise Refused(f"mig.configFile: {exc}", "invalid") from None
     return Selection(name, layout.bundled_text(), BUNDLED_SOURCE)
 
 
-def compute_plan(
-    selection: Selection, gpus: Sequence[GpuInfo], states: Mapping[int, MigLayoutState]
-) -> tuple[Step, ...]:
-    """All steps for the node, GPU by GPU; raises Refused('invalid') before anything changes."""
+def parse_selection(selection: Selection) -> LayoutFile:
+    """The parsed file of ``selection``; Refused('invalid') with every problem when it is bad."""
     try:
-        config = layout.parse(selection.text, selection.source)
-        targets = layout.select(config, selection.name, [(g.index, g.pci_device_id) for g in gpus])
+        return layout.parse(selection.text, selection.source)
+    except layout.LayoutError as exc:
+        raise Refused(str(exc), "invalid") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every step for the node, and why the configured strategy could not advertise the result
+    ("" when it can)."""
+
+    steps: tuple[Step, ...]
+    strategy_problem: str = ""
+
+
+def compute_plan(
+    config: LayoutFile,
+    name: str,
+    gpus: Sequence[GpuInfo],
+    states: Mapping[int, MigLayoutState],
+    strategy: MigStrategy = MigStrategy.MIXED,
+) -> Plan:
+    """All steps for the node, GPU by GPU; raises Refused('invalid') before anything changes.
+
+    A GPU without MIG is left alone when the layout turns MIG off, and when it is one of
+    ``devices: all`` beside GPUs that can do MIG (as mig-parted does); a layout that names it, or
+    turns MIG on for a node where no GPU can, is refused with "MIG is not supported".
+    """
+    try:
+        targets = layout.select(config, name, [(g.index, g.pci_device_id) for g in gpus])
     except layout.LayoutError as exc:
         raise Refused(str(exc), "invalid") from None
     if not targets:
         raise Refused(
-            f"layout {selection.name!r} in {selection.source} matches no GPU on this node",
-            "invalid",
+            f"layout {shown(name)} in {config.source} matches no GPU on this node", "invalid"
         )
+    by_index = {g.index: g for g in gpus}
+    some_capable = any(by_index[i].mig.capable for i, t in targets.items() if t.enabled)
     problems: list[str] = []
     steps: list[Step] = []
+    resolved: dict[int, ResolvedTarget] = {}
     for index in sorted(targets):
         target = targets[index]
         state = states.get(index)
-        if state is None:
-            problems.append(f"GPU {index}: cannot read its MIG state")
+        gpu = by_index[index]
+        if not gpu.mig.capable:
+            if target.enabled and (target.named or not some_capable):
+                problems.append(
+                    f"GPU {index} ({gpu.uuid}, {product(gpu.pci_device_id)}): "
+                    "MIG is not supported on this GPU"
+                )
             continue
-        resolved = resolve(target, state)
-        if isinstance(resolved, FitError):
-            if resolved.mig_unsupported and not target.enabled:
-                continue  # a layout that disables MIG leaves GPUs without MIG alone
-            problems.append(str(resolved))
+        if state is None:  # read_states skips lost GPUs
+            problems.append(f"GPU {index} ({gpu.uuid}) is lost: its MIG state cannot be read")
             continue
-        steps.extend(plan(state, resolved))
+        fitted = resolve(target, state)
+        if isinstance(fitted, FitError):
+            problems.append(str(fitted))
+            continue
+        resolved[index] = fitted
+        steps.extend(plan(state, fitted))
     if problems:
         raise Refused(
-            f"layout {selection.name!r} does not fit this node; nothing was changed:\n"
+            f"layout {shown(name)} does not fit this node; nothing was changed:\n"
             + "\n".join(f"  {p}" for p in problems),
             "invalid",
         )
-    return tuple(steps)
+    problem = ""
+    if strategy is MigStrategy.SINGLE and steps:
+        problem = single_strategy_problem(*_profiles_after(gpus, states, resolved))
+    return Plan(tuple(steps), problem)
+
+
+def _profiles_after(
+    gpus: Sequence[GpuInfo],
+    states: Mapping[int, MigLayoutState],
+    resolved: Mapping[int, ResolvedTarget],
+) -> tuple[list[int], dict[int, list[str]]]:
+    """The node after the apply, as migStrategy single looks at it: GPUs without MIG in force,
+    and the device profiles of the others."""
+    full: list[int] = []
+    migs: dict[int, list[str]] = {}
+    for gpu in gpus:
+        target = resolved.get(gpu.index)
+        state = states.get(gpu.index)
+        if target is not None:
+            enabled = target.enabled
+            names = [ci.name for gi in target.gis for ci in gi.cis]
+        else:
+            enabled = gpu.mig.current is MigMode.ENABLED
+            names = [n for n, c in device_counts(state) for _ in range(c)] if state else []
+        if enabled:
+            migs[gpu.index] = names
+        else:
+            full.append(gpu.index)
+    return full, migs
+
+
+def describe_state(state: MigLayoutState) -> str:
+    """What a GPU holds, the way ``mig assert`` reports a difference."""
+    if state.mode.current is not MigMode.ENABLED:
+        held = "MIG disabled"
+    else:
+        counts = device_counts(state)
+        held = "MIG enabled, " + (_counted(counts) if counts else "no MIG devices")
+    if state.mode.pending is not state.mode.current:
+        held += f" (pending: {state.mode.pending.value})"
+    return held
+
+
+def describe_target(target: GpuTarget) -> str:
+    if not target.enabled:
+        return "MIG disabled"
+    return "MIG enabled, " + (_counted(target.devices) if target.devices else "no MIG devices")
+
+
+def _counted(counts: Iterable[tuple[str, int]]) -> str:
+    return ", ".join(n if c == 1 else f"{n} {TIMES}{c}" for n, c in counts)
+
+
+def differences(
+    config: LayoutFile, name: str, gpus: Sequence[GpuInfo], states: Mapping[int, MigLayoutState]
+) -> tuple[str, ...]:
+    """Where the GPUs differ from layout ``name``, one line per GPU; () when they hold it.
+
+    "Holds it" means what ``mig apply`` would call unchanged: no step to make. Refused('invalid')
+    when the layout is wrong or cannot be built here, as for an apply.
+    """
+    steps = compute_plan(config, name, gpus, states).steps
+    targets = layout.select(config, name, [(g.index, g.pci_device_id) for g in gpus])
+    out = []
+    for index in sorted({s.gpu for s in steps}):
+        held, wanted = describe_state(states[index]), describe_target(targets[index])
+        calls = sum(1 for s in steps if s.gpu == index)
+        if held == wanted:
+            out.append(
+                f"GPU {index}: holds {held}, but {calls} NVML calls are needed to finish it "
+                "(an instance without its compute instance, or a pending mode)"
+            )
+        else:
+            out.append(f"GPU {index}: holds {held}; the layout wants {wanted}")
+    return tuple(out)
 
 
 def affected_uuids(
@@ -152,47 +279,97 @@ class MigController:
         self.store = store
         self.node = node
         self._lock = asyncio.Lock()
+        # The longest the lock was held since start, and by what: what the bounds on input buy,
+        # recorded so that operators and tests read it instead of timing calls themselves.
+        self.longest_hold: tuple[float, str] = (0.0, "")
         # Set once start-up recovery is over: MIG calls from the control API wait for it, so
         # nobody sees (or changes) a layout that is still being restored.
         self.recovered = asyncio.Event()
 
+    @contextlib.asynccontextmanager
+    async def _locked(self, what: str) -> AsyncIterator[None]:
+        async with self._lock:
+            start = time.monotonic()
+            try:
+                yield
+            finally:
+                held = time.monotonic() - start
+                if held > self.longest_hold[0]:
+                    self.longest_hold = (held, what)
+
+    def _read(self) -> dict[int, MigLayoutState]:
+        """The MIG state of every MIG-capable GPU (blocking: NVML)."""
+        return {
+            gpu.index: self.backend.mig_state(gpu.index)
+            for gpu in self.node.gpus()
+            if gpu.mig.capable and not gpu.lost
+        }
+
     async def read_states(self) -> dict[int, MigLayoutState]:
-        """Read the MIG state of every MIG-capable GPU (in a thread: NVML blocks)."""
-
-        def read() -> dict[int, MigLayoutState]:
-            states = {}
-            for gpu in self.node.gpus():
-                if gpu.mig.capable and not gpu.lost:
-                    states[gpu.index] = self.backend.mig_state(gpu.index)
-            return states
-
-        self.node.states = await asyncio.to_thread(read)
+        """Read the MIG states into the node's view (in a thread: NVML blocks)."""
+        self.node.states = await asyncio.to_thread(self._read)
         return self.node.states
 
     async def apply(self, selection: Selection, dry_run: bool, force: bool) -> Outcome:
         await self.recovered.wait()
-        return await self._apply_locked(selection, dry_run, force)
+        return await self._apply_parsed(selection, dry_run, force)
 
     async def current_states(self) -> dict[int, MigLayoutState]:
         """The MIG states as they are between applies (never half-way through one)."""
         await self.recovered.wait()
-        async with self._lock:
+        async with self._locked("a MIG state read"):
             return await self.read_states()
 
-    async def _apply_locked(self, selection: Selection, dry_run: bool, force: bool) -> Outcome:
-        async with self._lock:
-            try:
-                return await self._apply(selection, dry_run, force)
-            except Refused as exc:
-                log.warning("MIG apply of %r refused: %s", selection.name, exc)
-                return Outcome(
-                    "failed", message=str(exc), error_kind=exc.kind, in_use_by=exc.in_use_by
-                )
+    async def differences(self, selection: Selection) -> tuple[str, ...]:
+        """Where the GPUs differ from ``selection`` (see :func:`differences`); Refused('invalid')
+        for a bad layout. Takes no lock and waits for nothing: a health check must not queue
+        behind an apply, and what it reads during one is what the GPUs hold at that moment."""
+        config = await asyncio.to_thread(parse_selection, selection)
+        states = await asyncio.to_thread(self._read)
+        return await asyncio.to_thread(
+            differences, config, selection.name, self.node.gpus(), states
+        )
 
-    async def _apply(self, selection: Selection, dry_run: bool, force: bool) -> Outcome:
+    async def _apply_parsed(
+        self, selection: Selection, dry_run: bool, force: bool, forced_by: str = "--force"
+    ) -> Outcome:
+        """Parse and check the file first, then take the lock: a large or bad file costs its
+        sender the parse, not every other MIG call a wait. ``forced_by`` says, in the outcome,
+        who skipped the checks that ``force`` skips."""
+        verb = "dry run" if dry_run else "apply"
+        try:
+            config = await asyncio.to_thread(parse_selection, selection)
+            async with self._locked(f"the {verb} of {shown(selection.name)}"):
+                return await self._apply(selection, config, dry_run, force, forced_by)
+        except Refused as exc:
+            log.warning("MIG %s of %s refused: %s", verb, shown(selection.name), exc)
+            return Outcome(
+                "failed",
+                steps=exc.steps,
+                message=str(exc),
+                error_kind=exc.kind,
+                in_use_by=exc.in_use_by,
+            )
+
+    async def _apply(
+        self,
+        selection: Selection,
+        config: LayoutFile,
+        dry_run: bool,
+        force: bool,
+        forced_by: str,
+    ) -> Outcome:
         states = await self.read_states()
-        # Parsing and planning take milliseconds; kubelet's calls should not wait for them.
-        steps = await asyncio.to_thread(compute_plan, selection, self.node.gpus(), states)
+        # Planning takes milliseconds; kubelet's calls should not wait for them.
+        planned = await asyncio.to_thread(
+            compute_plan,
+            config,
+            selection.name,
+            self.node.gpus(),
+            states,
+            self.node.mig_strategy(),
+        )
+        steps = planned.steps
         if not steps:
             if not dry_run:
                 self.store.select(selection)
@@ -200,13 +377,36 @@ class MigController:
                 if journal is not None and journal.status == "running":
                     # Died after its last mutation: the GPUs are done, only the record is not.
                     self.store.record(dataclasses.replace(journal, status="done"))
-            return Outcome("unchanged", message=f"layout {selection.name!r} is already applied")
+            return Outcome(
+                "unchanged", message=f"layout {shown(selection.name)} is already applied"
+            )
+        skipped: list[str] = []
+        if planned.strategy_problem:
+            if not force:
+                raise Refused(
+                    f"layout {shown(selection.name)} would leave GPUs that "
+                    f"devicePlugin.migStrategy single cannot advertise: "
+                    f"{planned.strategy_problem}; nothing was changed. Choose a layout with "
+                    "one profile on every GPU, or use --force to apply it and advertise "
+                    "nothing of it until the strategy is changed",
+                    "refused",
+                    steps=steps,
+                )
+            skipped.append(
+                f"migStrategy single cannot advertise the result ({planned.strategy_problem})"
+            )
         if dry_run:
-            return Outcome("planned", steps=steps, message=f"{len(steps)} NVML calls needed")
+            note = "".join(f"; --force: {s}" for s in skipped)
+            return Outcome("planned", steps=steps, message=f"{len(steps)} NVML calls needed{note}")
         hit = affected_uuids(steps, states)
-        if not force:
+        # A plan of creations only takes nothing anyone holds: there is nobody to ask.
+        takes_away = any(hit.values())
+        if takes_away and force:
+            skipped.append("pods (kubelet) and processes using the devices were not checked")
+        elif takes_away:
             await self._check_unused(hit, states)
-        return await self._run(selection, steps, hit, states)
+        notes = [f"{forced_by}: {s}" for s in skipped]
+        return await self._run(selection, steps, hit, states, notes)
 
     async def _check_unused(
         self, hit: Mapping[int, set[str]], states: Mapping[int, MigLayoutState]
@@ -216,13 +416,18 @@ class MigController:
         try:
             device_users = await list_device_users(socket, PODRESOURCES_TIMEOUT_S)
         except PodResourcesUnavailable as exc:
-            if not exc.missing:
+            kubelet = self.node.kubelet_found()
+            if kubelet is not None:
+                # Containers keep running while kubelet restarts or is down: not being able to
+                # ask is no evidence that nobody uses the devices.
                 raise Refused(
-                    f"cannot ask kubelet which pods use the GPUs ({exc}); nothing was changed. "
-                    "Retry, or use --force to apply without asking",
+                    f"kubelet is installed ({kubelet} exists) but gpud cannot ask it which pods "
+                    f"use the GPUs: {exc}. Nothing was changed. Start kubelet (or point "
+                    "paths.podResourcesSocket at its pod-resources/kubelet.sock) and apply "
+                    "again, or use --force to apply without asking",
                     "refused",
                 ) from None
-            log.info("no kubelet PodResources socket at %s: no pods to protect", socket)
+            log.info("no kubelet on this node (%s); checking NVML's processes only", exc)
             device_users = {}
         for index, uuids in sorted(hit.items()):
             for uuid, who in sorted(users_of(device_users, uuids).items()):
@@ -250,6 +455,7 @@ class MigController:
         steps: tuple[Step, ...],
         hit: Mapping[int, set[str]],
         states: Mapping[int, MigLayoutState],
+        notes: Sequence[str] = (),
     ) -> Outcome:
         withdrawn = tuple(sorted(states[i].uuid for i in hit))
         journal = Journal(
@@ -290,12 +496,17 @@ class MigController:
         )
         self.store.select(selection)
         await self._settle(changed=True)
-        log.info("MIG layout %r applied with %d NVML calls", selection.name, mutations)
-        return Outcome("applied", mutations, steps, f"layout {selection.name!r} applied")
+        name = shown(selection.name)
+        log.info("MIG layout %s applied with %d NVML calls", name, mutations)
+        for note in notes:
+            log.warning("MIG layout %s applied; %s", name, note)
+        message = "; ".join([f"layout {name} applied", *notes])
+        return Outcome("applied", mutations, steps, message)
 
     async def _settle(self, changed: bool) -> None:
-        await self.node.refreshed()
+        # States first: the inventory refresh keeps the health of MIG devices that still exist.
         await self.read_states()
+        await self.node.refreshed()
         if changed:
             await self.node.layout_changed()
         await self.node.withdraw(frozenset())
@@ -317,13 +528,15 @@ class MigController:
                 journal.next_step + 1,
                 len(journal.steps),
             )
-            outcome = await self._apply_locked(journal.selection, dry_run=False, force=True)
+            outcome = await self._apply_parsed(
+                journal.selection, dry_run=False, force=True, forced_by="finishing it"
+            )
             self._log_outcome("resumed apply", outcome)
             return
         selection = self.store.selection() or configured
         if selection is None:
             return
-        outcome = await self._apply_locked(selection, dry_run=False, force=False)
+        outcome = await self._apply_parsed(selection, dry_run=False, force=False)
         self._log_outcome(f"layout {selection.name!r} at start", outcome)
 
     @staticmethod

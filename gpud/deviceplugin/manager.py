@@ -87,6 +87,10 @@ class PluginManager:
             await plugin.stop()
         self._plugins.clear()
 
+    def snapshots(self) -> dict[str, Snapshot]:
+        """What every running plugin serves now."""
+        return {resource: p.servicer.snapshot for resource, p in self._plugins.items()}
+
     def statuses(self) -> list[PluginStatus]:
         return [p.status() for p in self._plugins.values()]
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from gpud.hw.types import (
+    NO_INSTANCE,
     ComputeInstance,
     GpuInfo,
     GpuInstance,
@@ -55,7 +56,12 @@ class Backend(Protocol):
 class FaultInjector(Protocol):
     """Only the simulated backend injects faults; the control API refuses on any other."""
 
-    def inject_xid(self, index: int, xid: int) -> HwEvent: ...
+    def inject_xid(
+        self, index: int, xid: int, gi_id: int = NO_INSTANCE, ci_id: int = NO_INSTANCE
+    ) -> HwEvent:
+        """An XID on GPU ``index``, scoped to a MIG instance when ``gi_id`` (and ``ci_id``) are
+        given, as the driver scopes a fault inside one."""
+        ...
 
     def inject_gpu_lost(self, index: int) -> HwEvent: ...
 

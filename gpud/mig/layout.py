@@ -61,7 +61,7 @@ class _Shown(reprlib.Repr):
 
     def repr_int(self, x: int, level: int) -> str:
         # repr() of a number of more than 4,300 digits raises; hex ones of any size parse.
-        if x.bit_length() > 64:
+        if x.bit_length() > 128:
             return f"<a {x.bit_length()}-bit number>"
         return repr(x)
 
@@ -313,7 +313,12 @@ class _Parser:
         for name, entries in configs.items():
             path = f"mig-configs.{cut(str(name))}"
             if not isinstance(name, str) or not name:
-                self.problem(path, "a layout name must be a non-empty string")
+                hint = ' (YAML reads on, off, yes and no as booleans: write "on" in quotes)'
+                self.problem(
+                    path,
+                    "a layout name must be a non-empty string"
+                    + (hint if isinstance(name, bool) else ""),
+                )
                 continue
             if not isinstance(entries, list) or not entries:
                 self.problem(
@@ -403,8 +408,8 @@ class _Parser:
             elif count > MAX_COUNT:
                 self.problem(
                     where,
-                    f"count {shown(count)} is more than fit on a GPU: no profile fits more than "
-                    f"{MAX_COUNT} times",
+                    f"count {shown(count)} is more than a GPU holds: no profile fits more than "
+                    f"{MAX_COUNT} times on one GPU",
                 )
             else:
                 out.append((name, count))

@@ -25,7 +25,7 @@ XID (recorded under the MIG UUID) takes down only that MIG device and its replic
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gpud.config.models import MAX_RESOURCE_NAME_LENGTH, MigStrategy, Sharing, TimeSlicing
 from gpud.hw.types import GpuInfo, MigLayoutState, MigMode
@@ -156,6 +156,41 @@ def _have(gpus: Iterable[int]) -> str:
     return f"{_indices(listed)} {'has' if len(listed) == 1 else 'have'}"
 
 
+def single_strategy_problem(full: Iterable[int], migs: Mapping[int, Iterable[str]]) -> str:
+    """Why ``migStrategy: single`` cannot advertise a node, "" when it can.
+
+    ``full`` are the indices of GPUs without MIG in force, ``migs`` the profiles of the MIG devices
+    of every other GPU. Pure, so that ``mig apply`` asks the same question of the layout it is
+    about to make as :func:`build_resource_sets` asks of the node afterwards.
+    """
+    full = list(full)
+    profiles = {i: list(names) for i, names in migs.items()}
+    if not profiles:
+        return ""
+    if full:
+        return (
+            f"migStrategy single needs every GPU in the same MIG mode, but "
+            f"{_have(full)} MIG disabled and {_have(profiles)} it enabled; use migStrategy mixed"
+        )
+    empty = [i for i, names in profiles.items() if not names]
+    if empty:
+        return (
+            f"migStrategy single: {_have(empty)} MIG enabled but no MIG devices; "
+            "create MIG instances or disable MIG there"
+        )
+    by_profile: dict[str, set[int]] = {}
+    for i, names in profiles.items():
+        for name in names:
+            by_profile.setdefault(name, set()).add(i)
+    if len(by_profile) > 1:
+        listed = "; ".join(f"{p} on {_indices(by_profile[p])}" for p in sorted(by_profile))
+        return (
+            f"migStrategy single needs one MIG profile on the node, found {len(by_profile)}: "
+            f"{listed}; use migStrategy mixed"
+        )
+    return ""
+
+
 def _single(
     full: Sequence[GpuInfo],
     migs: Mapping[int, tuple[MigDevice, ...]],
@@ -164,28 +199,11 @@ def _single(
 ) -> dict[str, tuple[Device, ...]]:
     if not migs:
         return {GPU_RESOURCE: whole_gpu_devices(full, unhealthy)}
-    if full:
-        raise StrategyError(
-            f"migStrategy single needs every GPU in the same MIG mode, but "
-            f"{_have(g.index for g in full)} MIG disabled and "
-            f"{_have(migs)} it enabled; use migStrategy mixed"
-        )
-    empty = [i for i, devices in migs.items() if not devices]
-    if empty:
-        raise StrategyError(
-            f"migStrategy single: {_have(empty)} MIG enabled but no MIG devices; "
-            "create MIG instances or disable MIG there"
-        )
-    by_profile: dict[str, set[int]] = {}
-    for i, devices in migs.items():
-        for m in devices:
-            by_profile.setdefault(m.profile, set()).add(i)
-    if len(by_profile) > 1:
-        listed = "; ".join(f"{p} on {_indices(by_profile[p])}" for p in sorted(by_profile))
-        raise StrategyError(
-            f"migStrategy single needs one MIG profile on the node, found {len(by_profile)}: "
-            f"{listed}; use migStrategy mixed"
-        )
+    problem = single_strategy_problem(
+        (g.index for g in full), {i: [m.profile for m in devices] for i, devices in migs.items()}
+    )
+    if problem:
+        raise StrategyError(problem)
     devices = tuple(_mig_device(m, unhealthy, lost) for i in sorted(migs) for m in migs[i])
     return {GPU_RESOURCE: devices}
 
@@ -214,6 +232,43 @@ def _mixed(
             f"advertised under migStrategy mixed: {', '.join(partial)}"
         )
     return {name: tuple(devices) for name, devices in out.items()}
+
+
+def still_present(
+    sets: Iterable[ResourceSet],
+    gpus: Sequence[GpuInfo],
+    mig_states: Mapping[int, MigLayoutState],
+    unhealthy: Mapping[str, str],
+) -> tuple[ResourceSet, ...]:
+    """What was advertised, less every device that no longer exists, health brought up to date.
+
+    For a node the configured strategy cannot advertise (:class:`StrategyError`): kubelet keeps
+    the resources it had rather than losing them all, but never an ID of a MIG instance that was
+    destroyed, or a whole GPU that is in MIG mode now, which it would hand to a pod. A resource
+    may be left with no device; its plugin then says so (capacity 0) instead of going away.
+    """
+    live = {g.uuid for g in gpus if not mig_enabled(g)}
+    lost = {g.uuid for g in gpus if g.lost}
+    for g in gpus:
+        state = mig_states.get(g.index)
+        if mig_enabled(g) and state is not None and state.uuid == g.uuid:
+            live.update(ci.mig_uuid for gi in state.instances for ci in gi.compute_instances)
+    return tuple(
+        replace(
+            rs,
+            devices=tuple(
+                replace(
+                    d,
+                    healthy=d.visible_uuid not in unhealthy
+                    and d.gpu_uuid not in unhealthy
+                    and d.gpu_uuid not in lost,
+                )
+                for d in rs.devices
+                if d.visible_uuid in live
+            ),
+        )
+        for rs in sets
+    )
 
 
 def replicas_of(device: Device, count: int) -> tuple[Device, ...]:

@@ -36,6 +36,7 @@ from gpud.hw.sim.machines import (
 from gpud.hw.sim.state import GpuState, SimFaults, SimState
 from gpud.hw.types import (
     MIG_UNSUPPORTED,
+    NO_INSTANCE,
     ComputeInstance,
     EventKind,
     GiProfile,
@@ -159,10 +160,26 @@ class SimBackend:
 
     # ---- fault injection -----------------------------------------------------------------------
 
-    def inject_xid(self, index: int, xid: int) -> HwEvent:
-        """Raise XID ``xid`` on GPU ``index`` as the driver would; delivered before returning."""
+    def inject_xid(
+        self, index: int, xid: int, gi_id: int = NO_INSTANCE, ci_id: int = NO_INSTANCE
+    ) -> HwEvent:
+        """Raise XID ``xid`` on GPU ``index`` as the driver would; delivered before returning.
+
+        ``gi_id``/``ci_id`` scope it to a MIG instance. They are not checked against the GPU's
+        instances: the driver may report one that was destroyed a moment ago, and what gpud does
+        with such an event is part of what is under test.
+        """
         if xid <= 0:
             raise HwError(ErrorKind.INVALID_ARGUMENT, f"an XID is a positive integer, got {xid}")
+        for what, value in (("GPU instance", gi_id), ("compute instance", ci_id)):
+            if not 0 <= value <= NO_INSTANCE:
+                raise HwError(
+                    ErrorKind.INVALID_ARGUMENT, f"a {what} ID is an integer >= 0, got {value}"
+                )
+        if gi_id == NO_INSTANCE and ci_id != NO_INSTANCE:
+            raise HwError(
+                ErrorKind.INVALID_ARGUMENT, "a compute instance is scoped by its GPU instance"
+            )
         with self._lock:
             gpus = self._require_open().gpus
             gpu = gpus[_checked_index(index, len(gpus))]
@@ -172,7 +189,14 @@ class SimBackend:
                     f"GPU {index} is lost and raises no more XIDs; reset it first",
                 )
             return self._deliver(
-                HwEvent(EventKind.XID, gpu.uuid, xid=xid, detail=f"injected XID {xid}")
+                HwEvent(
+                    EventKind.XID,
+                    gpu.uuid,
+                    xid=xid,
+                    gi_id=gi_id,
+                    ci_id=ci_id,
+                    detail=f"injected XID {xid}",
+                )
             )
 
     def inject_gpu_lost(self, index: int) -> HwEvent:

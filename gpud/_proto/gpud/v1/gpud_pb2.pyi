@@ -89,18 +89,24 @@ class SetDeviceHealthyRequest(_message.Message):
     def __init__(self, uuid: _Optional[str] = ...) -> None: ...
 
 class SetDeviceHealthyResponse(_message.Message):
-    __slots__ = ("gpu",)
+    __slots__ = ("gpu", "message")
     GPU_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     gpu: Gpu
-    def __init__(self, gpu: _Optional[_Union[Gpu, _Mapping]] = ...) -> None: ...
+    message: str
+    def __init__(self, gpu: _Optional[_Union[Gpu, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class InjectXidRequest(_message.Message):
-    __slots__ = ("gpu_index", "xid")
+    __slots__ = ("gpu_index", "xid", "gi_id", "ci_id")
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     XID_FIELD_NUMBER: _ClassVar[int]
+    GI_ID_FIELD_NUMBER: _ClassVar[int]
+    CI_ID_FIELD_NUMBER: _ClassVar[int]
     gpu_index: int
     xid: int
-    def __init__(self, gpu_index: _Optional[int] = ..., xid: _Optional[int] = ...) -> None: ...
+    gi_id: int
+    ci_id: int
+    def __init__(self, gpu_index: _Optional[int] = ..., xid: _Optional[int] = ..., gi_id: _Optional[int] = ..., ci_id: _Optional[int] = ...) -> None: ...
 
 class InjectXidResponse(_message.Message):
     __slots__ = ("uuid", "marked_unhealthy")
@@ -213,7 +219,7 @@ class MigGpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., mode: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[MigInstance, _Mapping]]] = ...) -> None: ...
 
 class MigStateResponse(_message.Message):
-    __slots__ = ("gpus", "selected_config", "selected_source", "export_yaml", "last_apply", "last_error", "mig_strategy")
+    __slots__ = ("gpus", "selected_config", "selected_source", "export_yaml", "last_apply", "last_error", "mig_strategy", "lock_longest_held_s", "lock_longest_held_by")
     GPUS_FIELD_NUMBER: _ClassVar[int]
     SELECTED_CONFIG_FIELD_NUMBER: _ClassVar[int]
     SELECTED_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +227,8 @@ class MigStateResponse(_message.Message):
     LAST_APPLY_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     MIG_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    LOCK_LONGEST_HELD_S_FIELD_NUMBER: _ClassVar[int]
+    LOCK_LONGEST_HELD_BY_FIELD_NUMBER: _ClassVar[int]
     gpus: _containers.RepeatedCompositeFieldContainer[MigGpu]
     selected_config: str
     selected_source: str
@@ -228,7 +236,27 @@ class MigStateResponse(_message.Message):
     last_apply: str
     last_error: str
     mig_strategy: str
-    def __init__(self, gpus: _Optional[_Iterable[_Union[MigGpu, _Mapping]]] = ..., selected_config: _Optional[str] = ..., selected_source: _Optional[str] = ..., export_yaml: _Optional[str] = ..., last_apply: _Optional[str] = ..., last_error: _Optional[str] = ..., mig_strategy: _Optional[str] = ...) -> None: ...
+    lock_longest_held_s: float
+    lock_longest_held_by: str
+    def __init__(self, gpus: _Optional[_Iterable[_Union[MigGpu, _Mapping]]] = ..., selected_config: _Optional[str] = ..., selected_source: _Optional[str] = ..., export_yaml: _Optional[str] = ..., last_apply: _Optional[str] = ..., last_error: _Optional[str] = ..., mig_strategy: _Optional[str] = ..., lock_longest_held_s: _Optional[float] = ..., lock_longest_held_by: _Optional[str] = ...) -> None: ...
+
+class AssertMigLayoutRequest(_message.Message):
+    __slots__ = ("config_name", "config_yaml", "config_source")
+    CONFIG_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    config_name: str
+    config_yaml: str
+    config_source: str
+    def __init__(self, config_name: _Optional[str] = ..., config_yaml: _Optional[str] = ..., config_source: _Optional[str] = ...) -> None: ...
+
+class AssertMigLayoutResponse(_message.Message):
+    __slots__ = ("applied", "differences")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCES_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    differences: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, applied: _Optional[bool] = ..., differences: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InjectProcessRequest(_message.Message):
     __slots__ = ("gpu_index", "pid", "mig_uuid", "remove")

@@ -69,6 +69,11 @@ class GpudStub:
                 request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetMigStateRequest.SerializeToString,
                 response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.MigStateResponse.FromString,
                 _registered_method=True)
+        self.AssertMigLayout = channel.unary_unary(
+                '/gpud.v1.Gpud/AssertMigLayout',
+                request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.AssertMigLayoutRequest.SerializeToString,
+                response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.AssertMigLayoutResponse.FromString,
+                _registered_method=True)
         self.InjectProcess = channel.unary_unary(
                 '/gpud.v1.Gpud/InjectProcess',
                 request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessRequest.SerializeToString,
@@ -121,6 +126,13 @@ class GpudServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AssertMigLayout(self, request, context):
+        """Read-only and lock-free: compares the GPUs with a layout (mig-parted's assert).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def InjectProcess(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -164,6 +176,11 @@ def add_GpudServicer_to_server(servicer, server):
                     servicer.GetMigState,
                     request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetMigStateRequest.FromString,
                     response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.MigStateResponse.SerializeToString,
+            ),
+            'AssertMigLayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssertMigLayout,
+                    request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.AssertMigLayoutRequest.FromString,
+                    response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.AssertMigLayoutResponse.SerializeToString,
             ),
             'InjectProcess': grpc.unary_unary_rpc_method_handler(
                     servicer.InjectProcess,
@@ -360,6 +377,33 @@ class Gpud:
             '/gpud.v1.Gpud/GetMigState',
             gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetMigStateRequest.SerializeToString,
             gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.MigStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssertMigLayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpud.v1.Gpud/AssertMigLayout',
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.AssertMigLayoutRequest.SerializeToString,
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.AssertMigLayoutResponse.FromString,
             options,
             channel_credentials,
             insecure,
