@@ -40,9 +40,9 @@ import yaml
 from bench._common import GPU, REPO, SPEC, emit, log, running_node, short_tmp, summary_ms
 from gpud._proto.gpud.v1 import gpud_pb2
 from gpud.atomic import write_atomic
-from gpud.daemon.mig import BUNDLED_SOURCE, compute_plan, execute
+from gpud.daemon.mig import BUNDLED_SOURCE, Plan, compute_plan, execute, parse_selection
 from gpud.hw.sim.backend import SimBackend
-from gpud.hw.types import MigLayoutState, MigMode
+from gpud.hw.types import MigLayoutState, MigMode, MigState
 from gpud.mig import layout
 from gpud.mig.fit import FitError, ResolvedTarget, devices_of, resolve
 from gpud.mig.model import catalog_state, simulate
@@ -446,11 +446,15 @@ def in_process(runs: int) -> dict[str, Any]:
     states = {s.index: s for s in start_states(config, SMALL, pci)}
     gpus = [_Gpu(i, pci) for i in states]
     selection = Selection(SMALL, text, BUNDLED_SOURCE)
-    if compute_plan(selection, gpus, states):
+
+    def noop() -> Plan:
+        return compute_plan(parse_selection(selection), SMALL, gpus, states)
+
+    if noop().steps:
         raise SystemExit("the in-process no-op planned steps")
     targets = targets_for(config, SMALL, pci)
     out: dict[str, Any] = {
-        "noop_compute_plan_ms": median_ms(lambda: compute_plan(selection, gpus, states), runs),
+        "noop_parse_and_compute_plan_ms": median_ms(noop, runs),
         "layout_parse_ms": median_ms(lambda: layout.parse(text), runs),
         "yaml_safe_load_ms": median_ms(lambda: yaml.load(text, Loader=yaml.SafeLoader), runs),
         "yaml_c_safe_load_ms": (
@@ -484,6 +488,8 @@ class _Gpu:
 
     index: int
     pci_device_id: int
+    mig: MigState = dataclasses.field(default=MigState(MigMode.DISABLED, MigMode.DISABLED))
+    lost: bool = False
 
 
 def apply_loop(state_dir: Path, store: MigStore) -> dict[str, Any]:
@@ -501,8 +507,9 @@ def apply_loop(state_dir: Path, store: MigStore) -> dict[str, Any]:
 
 def run_steps(backend: SimBackend, store: MigStore, name: str) -> dict[str, Any]:
     states = {i: backend.mig_state(i) for i in range(GPUS)}
+    gpus = [_Gpu(i, s.pci_device_id) for i, s in states.items()]
     selection = Selection(name, layout.bundled_text(), BUNDLED_SOURCE)
-    steps = compute_plan(selection, [_Gpu(i, s.pci_device_id) for i, s in states.items()], states)
+    steps = compute_plan(parse_selection(selection), name, gpus, states).steps
     journal = Journal(selection, "running", tuple(s.to_dict() for s in steps))
     created: dict[tuple[int, str], int] = {}
     record: list[float] = []

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support.kubelet import UNHEALTHY, FakeKubelet  # noqa: E402
+from tests.support.podresources import FakePodResources  # noqa: E402
 from tests.support.process import GpudProcess  # noqa: E402
 
 GPU = "nvidia.com/gpu"
@@ -46,12 +47,23 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="gpud-demo-", dir="/tmp"))
     kubelet = FakeKubelet(root / "kubelet")
+    # kubelet's PodResources API, which gpud asks before it destroys MIG instances.
+    podres = FakePodResources(root / "pod-resources" / "kubelet.sock")
+    (root / "gpud.yaml").write_text(
+        f"version: v1\npaths:\n  podResourcesSocket: {podres.socket_path}\n"
+    )
     gpud = GpudProcess(
-        args.simulate, root / "kubelet", root / "state", root / "gpud.sock", log_dir=root
+        args.simulate,
+        root / "kubelet",
+        root / "state",
+        root / "gpud.sock",
+        ("--config", str(root / "gpud.yaml")),
+        log_dir=root,
     )
     try:
         say(f"starting a kubelet stand-in in {kubelet.plugin_dir}")
         kubelet.start()
+        podres.start()
         say(f"starting: {' '.join(gpud.argv[1:])}")
         t0 = time.monotonic()
         gpud.start()
@@ -119,6 +131,7 @@ def main() -> int:
         if gpud.running():
             gpud.kill()
         kubelet.stop()
+        podres.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
