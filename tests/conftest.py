@@ -53,6 +53,7 @@ def fake_nvml() -> Iterator[Callable[[FakeNvml], FakeNvml]]:
 
 
 SHARED_FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+SHARED_REFERENCE = SHARED_FIXTURES.parent / "reference"
 
 
 def unavailable(why: str) -> NoReturn:
@@ -71,6 +72,15 @@ def shared_fixture(name: str) -> Path:
     clone elsewhere skips, saying why.
     """
     path = SHARED_FIXTURES / name
+    if not path.exists():
+        unavailable(f"{path} is not beside this checkout")
+    return path
+
+
+def shared_reference(name: str) -> Path:
+    """A file of facts (shared/reference beside the checkout) that gpud's tables are checked
+    against; missing, as :func:`shared_fixture`."""
+    path = SHARED_REFERENCE / name
     if not path.exists():
         unavailable(f"{path} is not beside this checkout")
     return path

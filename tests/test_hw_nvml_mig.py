@@ -46,6 +46,7 @@ from tests.fakenvml import (
     installed,
     t4,
 )
+from tests.support.migref import described, reference
 
 A100_40GB = 0x20B010DE
 A30 = 0x20B710DE
@@ -174,13 +175,13 @@ def test_is_a_mig_backend():
     assert isinstance(NvmlBackend(), MigBackend)
 
 
-def test_a100_profiles_match_the_catalog(mig):
+def test_a100_profiles_match_the_reference(mig):
     fake, backend = mig(board(A100_40GB))
     state = backend.mig_state(0)
     assert (state.index, state.uuid, state.pci_device_id) == (0, GPU_UUID, A100_40GB)
     assert state.mode == ENABLED
     assert [p.profile_id for p in state.profiles] == [19, 20, 15, 14, 9, 5, 0]
-    assert state.profiles == family(A100_40GB).profiles
+    assert described(state.profiles, "A100-40GB") == reference("A100-40GB")
     by_name = {p.name: p for p in state.profiles}
     assert by_name["1g.5gb"].placements == tuple(Placement(s, 1) for s in range(7))
     assert by_name["1g.10gb"].placements == (
@@ -207,7 +208,7 @@ def test_a30_profile_ids_are_not_the_enums(mig):
         (6, "2g.12gb+me"),
         (0, "4g.24gb"),
     ]
-    assert state.profiles == family(A30).profiles
+    assert described(state.profiles, "A30-24GB") == reference("A30-24GB")
     # Profile ID 0 is the 4-slice profile here, while enum 0 is the 1-slice one: the placements
     # and the created GI show which space each call used.
     assert state.profiles[0].placements == tuple(Placement(s, 1) for s in range(4))
@@ -228,7 +229,7 @@ def test_mig_off_falls_back_to_the_catalog(mig, modes):
     fake, backend = mig(board(A100_40GB, mig=modes))
     state = backend.mig_state(0)
     assert state.mode == MigState(MigMode.DISABLED, MigMode(("disabled", "enabled")[modes[1]]))
-    assert state.profiles == family(A100_40GB).profiles
+    assert described(state.profiles, "A100-40GB") == reference("A100-40GB")
     assert state.instances == ()
     # NVML was asked (and said NOT_SUPPORTED); nothing that needs MIG on was.
     assert fake.calls["nvmlDeviceGetGpuInstanceProfileInfoV"] == GI_PROFILE_COUNT + 1
@@ -267,7 +268,7 @@ def test_ci_profiles_come_from_nvml_once_a_gi_exists(mig):
         (1, 2, 1, "2c.3g.20gb"),
         (2, 3, 1, "3g.20gb"),
     ]
-    assert state.profiles == family(A100_40GB).profiles
+    assert described(state.profiles, "A100-40GB") == reference("A100-40GB")
 
 
 # ---- creating and reading instances -------------------------------------------------------------

@@ -28,7 +28,7 @@ from gpud.mig.layout import (
 )
 from gpud.mig.model import catalog_state, simulate
 from gpud.mig.planner import plan
-from tests.conftest import shared_fixture
+from tests.conftest import shared_fixture, shared_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = "mig-parted-config-default.yaml"
@@ -379,6 +379,22 @@ def test_bundled_layouts_are_what_the_generator_makes(tmp_path: Path) -> None:
     )
     committed = (ROOT / "gpud/mig/layouts.yaml").read_text()
     assert out.read_text() == committed, "run scripts/gen-mig-layouts and commit the result"
+
+
+def test_the_catalog_is_what_the_generator_makes_of_the_reference(tmp_path: Path) -> None:
+    out = tmp_path / "catalog.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/gen-mig-catalog"),
+            str(shared_reference("mig-profiles.yaml")),
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    committed = (ROOT / "gpud/mig/catalog.json").read_text()
+    assert out.read_text() == committed, "run scripts/gen-mig-catalog and commit the result"
 
 
 def test_bundled_layouts_fit_every_board_they_select() -> None:
