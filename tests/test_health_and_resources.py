@@ -49,6 +49,12 @@ def test_initial_reasons_keep_known_drop_vanished_and_add_lost() -> None:
     assert c.uuid not in reasons
 
 
+def test_initial_reasons_keep_a_mig_device_s_own_reason_while_it_exists() -> None:
+    known = {"MIG-kept": "critical XID 94 on GPU instance 2", "MIG-destroyed": "critical XID 94"}
+    reasons = initial_reasons([gpu(0)], known, {"MIG-kept", "MIG-other"})
+    assert reasons == {"MIG-kept": "critical XID 94 on GPU instance 2"}
+
+
 def test_whole_gpus_are_offered_by_uuid_with_numa_and_health() -> None:
     gpus = [gpu(1, numa=1), gpu(0, numa=0), gpu(2, numa=None, lost=True)]
     (rs,) = resource_sets(gpus, {gpus[0].uuid: "critical XID 79"})

@@ -3,6 +3,7 @@ the bundled layouts."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,6 +178,50 @@ def test_unknown_layout_name_lists_the_closest_first() -> None:
 def test_a_file_without_layouts_is_an_error_not_an_empty_set(text: str) -> None:
     with pytest.raises(LayoutError, match="defines no layouts"):
         parse(text)
+
+
+# ---- bounds -------------------------------------------------------------------------------------
+
+
+def test_an_anchor_shared_by_two_layouts_is_fine() -> None:
+    text = (
+        "version: v1\nmig-configs:\n"
+        "  a: &small\n    - devices: all\n      mig-enabled: true\n"
+        "      mig-devices: {1g.5gb: 7}\n"
+        "  b: *small\n"
+    )
+    config = parse(text)
+    assert select(config, "a", DGX_A100) == select(config, "b", DGX_A100)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (
+            "a: &a [x, x]\n"
+            + "".join(
+                f"a{i}: &a{i} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                for i, p in enumerate(["a", "a0", "a1", "a2", "a3", "a4"])
+            ),
+            "more than 20000 YAML nodes",
+        ),
+        ("a: &a [*a]\n", "alias *a is inside the node it names"),
+        ("a: *b\n", "alias *b names no anchor before it"),
+        ("a: &x 1\nb: &x 2\n", "line 2: anchor &x defined twice"),
+        ("a: 1\n---\nb: 2\n", "line 2: a layout file holds one YAML document"),
+        ("[" * 17 + "]" * 17, "line 1: nested deeper than 16 levels"),
+        ("version: 2024-13-01\n", "line 1: cannot be read: month must be in 1..12"),
+        ("#" * (256 * 1024 + 1), "262145 bytes is more than the 256 KiB"),
+    ],
+)
+def test_input_over_a_bound_is_refused_before_it_is_built(text: str, says: str) -> None:
+    with pytest.raises(LayoutError, match=re.escape(says)):
+        parse(text)
+
+
+def test_sixteen_levels_are_read() -> None:
+    with pytest.raises(LayoutError, match="expected a mapping"):  # read, then found wrong
+        parse("[" * 16 + "]" * 16)
 
 
 # ---- bad files ----------------------------------------------------------------------------------

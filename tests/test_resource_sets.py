@@ -41,6 +41,7 @@ from gpud.resources.sets import (
     base_id,
     build_resource_sets,
     mig_resource_name,
+    still_present,
 )
 from tests.test_config_sharing import NVIDIA_FIXTURE
 
@@ -252,6 +253,20 @@ def test_single_refuses_a_mig_gpu_without_mig_devices() -> None:
     states[4] = layout(4, [])
     with pytest.raises(StrategyError, match="GPUs 3, 4 have MIG enabled but no MIG devices"):
         build(ALL_MIG, states, MigStrategy.SINGLE)
+
+
+def test_what_stays_advertised_when_a_node_cannot_be_is_only_what_still_exists() -> None:
+    before = build(ALL_MIG[:2], {i: seven_1g(i) for i in range(2)}, MigStrategy.SINGLE).sets
+    # GPU 0 kept one of its seven instances, GPU 1 is whole again (its instances are gone, and
+    # its GPU UUID was never advertised under single).
+    now = {0: layout(0, [("1g.5gb", 0, full_ci("1g.5gb"))])}
+    gpus = [gpu(0, mig=True), gpu(1)]
+    (rs,) = still_present(before, gpus, now, {gpu_uuid(0): "critical XID 79"})
+    assert rs.resource == "nvidia.com/gpu"
+    assert [d.id for d in rs.devices] == [mig_uuid(0, 1, 0)]
+    assert not rs.devices[0].healthy  # the health of now, not of the old advertisement
+    (empty,) = still_present(before, [gpu(0), gpu(1)], {}, {})
+    assert empty.resource == "nvidia.com/gpu" and empty.devices == ()
 
 
 def test_single_counts_partial_compute_instances_as_their_own_profile() -> None:

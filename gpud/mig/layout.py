@@ -313,7 +313,7 @@ class _Parser:
         for name, entries in configs.items():
             path = f"mig-configs.{cut(str(name))}"
             if not isinstance(name, str) or not name:
-                hint = ' (YAML reads on, off, yes and no as booleans: write "on" in quotes)'
+                hint = " (YAML reads on, off, yes and no as true or false: quote such a name)"
                 self.problem(
                     path,
                     "a layout name must be a non-empty string"
