@@ -131,7 +131,6 @@ def test_missing_socket_is_unavailable(short_tmp: Path) -> None:
     sock = short_tmp / "pod-resources" / "kubelet.sock"
     with pytest.raises(PodResourcesUnavailable) as err:
         asyncio.run(list_device_users(sock, timeout=1))
-    assert err.value.missing
     assert str(err.value).startswith(f"kubelet's PodResources socket {sock} does not exist")
 
 
@@ -145,7 +144,6 @@ def test_stale_socket_is_unavailable(short_tmp: Path) -> None:
     started = time.monotonic()
     with pytest.raises(PodResourcesUnavailable) as err:
         asyncio.run(list_device_users(sock, timeout=5))
-    assert not err.value.missing
     assert "did not answer List: UNAVAILABLE" in str(err.value)
     assert time.monotonic() - started < 5
 

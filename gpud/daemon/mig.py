@@ -387,8 +387,9 @@ class MigController:
                     f"layout {shown(selection.name)} would leave GPUs that "
                     f"devicePlugin.migStrategy single cannot advertise: "
                     f"{planned.strategy_problem}; nothing was changed. Choose a layout with "
-                    "one profile on every GPU, or use --force to apply it and advertise "
-                    "nothing of it until the strategy is changed",
+                    "one profile on every GPU, or use --force to apply it anyway (kubelet then "
+                    "keeps only what is left of the old devices until the layout or the "
+                    "strategy changes)",
                     "refused",
                     steps=steps,
                 )

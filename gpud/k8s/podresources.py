@@ -30,15 +30,12 @@ _DIAL_OPTIONS = [
 
 
 class PodResourcesUnavailable(Exception):
-    """kubelet's PodResources API could not be asked; ``missing`` when the socket is absent.
+    """kubelet's PodResources API could not be asked: the socket is absent, refuses, errs or does
+    not answer in time.
 
-    The caller decides what that means (refuse to reconfigure, or proceed on a node without
-    kubelet), so this is one exception type with a message an operator can act on.
+    The caller decides what that means (refuse to reconfigure where kubelet is installed, proceed
+    on a node without it), so this is one exception type with a message an operator can act on.
     """
-
-    def __init__(self, message: str, *, missing: bool = False) -> None:
-        super().__init__(message)
-        self.missing = missing
 
 
 def user_name(pod: api_pb2.PodResources, container: api_pb2.ContainerResources) -> str:
@@ -60,14 +57,13 @@ def device_users(response: api_pb2.ListPodResourcesResponse) -> dict[str, tuple[
 async def list_device_users(socket: Path, timeout: float) -> dict[str, tuple[str, ...]]:
     """Ask kubelet at ``socket`` which containers hold which devices (see :func:`device_users`).
 
-    Raises PodResourcesUnavailable when the socket does not exist (``missing`` set), or when
-    kubelet does not answer within ``timeout`` seconds or answers with an error.
+    Raises PodResourcesUnavailable when the socket does not exist, or when kubelet does not
+    answer within ``timeout`` seconds or answers with an error.
     """
     if not socket.exists():
         raise PodResourcesUnavailable(
             f"kubelet's PodResources socket {socket} does not exist: kubelet is not running "
-            "on this node, or its root directory is elsewhere (set paths.podResourcesSocket)",
-            missing=True,
+            "on this node, or its root directory is elsewhere (set paths.podResourcesSocket)"
         )
     try:
         async with grpc.aio.insecure_channel(f"unix:{socket}", options=_DIAL_OPTIONS) as channel:
