@@ -47,10 +47,6 @@ def layouts_file(root: Path) -> Path:
     return path
 
 
-def instances(node: MigNode) -> dict[int, list[tuple[str, str]]]:
-    return node.instances()
-
-
 BALANCED = [("1g.5gb", "2:1"), ("1g.5gb", "3:1"), ("2g.10gb", "0:2"), ("3g.20gb", "4:4")]
 
 
@@ -101,7 +97,7 @@ def test_layout_change_keeps_what_can_stay_and_reregisters_live(
         "create-gi",
         "create-ci",
     }
-    assert instances(node) == {0: BALANCED, 1: BALANCED}
+    assert node.instances() == {0: BALANCED, 1: BALANCED}
     after = node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 4)
     assert set(after) < set(before)  # the 1g instances at 2:1 and 3:1 kept their UUIDs
     node.kubelet.wait_devices("nvidia.com/mig-2g.10gb", lambda d: len(d) == 2)
@@ -179,14 +175,14 @@ def test_instance_used_by_a_pod_is_not_destroyed_unless_forced(
     assert f"ml/train-0/main uses {doomed} (GPU 1)" in out.stderr
     assert "serve-1" not in out.stderr  # its instance stays where it is
     assert "--force" in out.stderr
-    assert instances(node)[1] == sorted([("1g.5gb", f"{i}:1") for i in range(7)])
+    assert node.instances()[1] == sorted([("1g.5gb", f"{i}:1") for i in range(7)])
     assert node.podres.calls[asked:] == ["List"]
 
     code, forced = node.mig("apply", "-c", "all-balanced", "--force")
     assert code == 0 and forced["result"] == "applied", forced
     skipped = "--force: pods (kubelet) and processes using the devices were not checked"
     assert skipped in forced["message"]
-    assert instances(node) == {0: BALANCED, 1: BALANCED}
+    assert node.instances() == {0: BALANCED, 1: BALANCED}
 
 
 def test_a_process_on_an_instance_blocks_and_nvml_still_refuses_when_forced(
@@ -246,7 +242,7 @@ def test_the_selected_layout_is_recreated_after_a_reboot(
     power_cycle_state(short_tmp / "state", "a100-40gb:1")  # instances do not survive it
     node.gpud.start()
     node.gpud.wait_ready()
-    assert len(instances(node)[0]) == 7
+    assert len(node.instances()[0]) == 7
     devices = node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 7)
     assert all(d.health == HEALTHY for d in devices.values())
 
