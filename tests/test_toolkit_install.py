@@ -29,6 +29,7 @@ from gpud.host.toolkit_install import (
     source_line,
 )
 from tests.support.fakehost import GOLDEN, FakeTools, golden, write
+from tests.support.locks import HOLDER_NAME, LockHolder, real_apt_with_gpud_options, take_lock_for
 
 KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"
 SOURCE = "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH) /"
@@ -60,7 +61,8 @@ class Node:
         self.root.mkdir()
         self.state.mkdir()
         self.tools = FakeTools(base / "tools")
-        s, lst = shlex.quote(str(self.state)), shlex.quote(str(self.root / LIST_FILE.lstrip("/")))
+        self.base = base
+        s = shlex.quote(str(self.state))
         policy = shlex.quote(str(GOLDEN / "apt-cache-policy-toolkit.out"))
         self.tools.add_script(
             "dpkg-query",
@@ -69,21 +71,27 @@ class Node:
             "echo 'dpkg-query: no packages found matching nvidia-container-toolkit' >&2; exit 1",
         )
         self.tools.add_script("apt-cache", f"[ -f {s}/candidate ] && /bin/cat {policy}\nexit 0")
+        self.fake_apt_get()
+        self.tools.add("systemctl", "active\n")
+        self.env = {**os.environ, "PATH": self.tools.path, "GPUD_ROOT": str(self.root)}
+
+    def fake_apt_get(self, update: str = "", install: str = "") -> None:
+        """apt-get whose update makes the package known once the list file exists and whose
+        install makes dpkg list it; ``update``/``install`` are shell lines run first."""
+        s, lst = shlex.quote(str(self.state)), shlex.quote(str(self.root / LIST_FILE.lstrip("/")))
         self.tools.add_script(
             "apt-get",
             'case "$1" in\n'
-            f"update) if [ -f {s}/update-fails ]; then"
+            f"update) {update}if [ -f {s}/update-fails ]; then"
             " echo 'E: Failed to fetch https://nvidia.github.io/x/InRelease  403  Forbidden' >&2;"
             " exit 100; fi\n"
             f"  [ -f {lst} ] && : > {s}/candidate; exit 0;;\n"
-            f"install) if [ -f {s}/install-fails ]; then"
+            f"install) {install}if [ -f {s}/install-fails ]; then"
             " echo 'E: Sub-process /usr/bin/dpkg returned an error code (1)' >&2; exit 100; fi\n"
             f"  [ -f {s}/candidate ] || {{ echo 'E: Unable to locate package' >&2; exit 100; }}\n"
             f"  [ -f {s}/install-lies ] || echo 1.17.8-1 > {s}/installed; exit 0;;\n"
             "esac\nexit 0",
         )
-        self.tools.add("systemctl", "active\n")
-        self.env = {**os.environ, "PATH": self.tools.path, "GPUD_ROOT": str(self.root)}
 
     def flag(self, name: str, text: str = "") -> None:
         (self.state / name).write_text(text)
@@ -204,6 +212,8 @@ def test_source_configured_writes_the_list_then_updates_then_installs(node: Node
     ]
     install = node.tools.calls()[4]
     assert install[-1] == "nvidia-container-toolkit" and "-y" in install
+    assert node.tools.calls()[2] == ["apt-get", "update", "-o", "DPkg::Lock::Timeout=600"]
+    assert install[:5] == ["apt-get", "install", "-y", "-o", "DPkg::Lock::Timeout=600"]
 
 
 def test_dry_run_changes_nothing(node: Node) -> None:
@@ -250,6 +260,51 @@ def test_missing_keyring_file_is_refused_before_any_write(node: Node) -> None:
     done = node.gpudctl("toolkit", "install")
     assert done.returncode == 1 and "does not exist" in done.stderr
     assert "apt-get" not in " ".join(node.names())
+
+
+def test_update_waits_for_the_lists_lock_that_apt_itself_does_not_wait_for(node: Node) -> None:
+    """``apt-get update`` fails at once on a held lists lock whatever DPkg::Lock::Timeout says
+    (the fake runs the real one with gpud's options): gpud's own wait is what gets it through."""
+    node.gpud_yaml()
+    node.fake_apt_get(update=real_apt_with_gpud_options(node.root, "update"))
+    with LockHolder(node.root / "var/lib/apt/lists/lock", 2.0, scratch=node.base) as holder:
+        done = node.gpudctl("toolkit", "install")
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"gpudctl: waiting for /var/lib/apt/lists/lock, held by {HOLDER_NAME} (pid {holder.pid})"
+    ) in done.stderr
+    assert "apt-get update" in node.names() and node.names()[-2] == "apt-get install"
+
+
+def test_install_waits_with_apt_for_a_lock_taken_after_gpud_looked(node: Node) -> None:
+    """unattended-upgrades takes dpkg's lock between gpud's look and apt-get's start: apt-get
+    must wait itself, which only gpud's -o DPkg::Lock::Timeout makes it do."""
+    node.flag("candidate")
+    frontend = node.root / "var/lib/dpkg/lock-frontend"
+    node.fake_apt_get(
+        install=take_lock_for(frontend, 1.5, node.base) + real_apt_with_gpud_options(node.root)
+    )
+    done = node.gpudctl("toolkit", "install", "--lock-timeout", "60")
+    assert done.returncode == 0, done.stderr
+    assert "1.17.8-1: installed" in done.stdout
+    install = next(c for c in node.tools.calls() if c[:2] == ["apt-get", "install"])
+    assert install[3:5] == ["-o", "DPkg::Lock::Timeout=60"]
+
+
+def test_a_lock_held_past_apt_lock_timeout_fails_naming_its_holder(node: Node) -> None:
+    node.gpud_yaml()
+    config = node.root / "etc/gpud/gpud.yaml"
+    config.write_text(config.read_text() + "apt:\n  lockTimeout: 1\n")
+    with LockHolder(node.root / "var/lib/dpkg/lock", scratch=node.base) as holder:
+        done = node.gpudctl("toolkit", "install")
+    who = f"{HOLDER_NAME} (pid {holder.pid})"
+    assert done.returncode == 1
+    assert (
+        f"'apt-get update' did not run: /var/lib/dpkg/lock is still held by {who} after 1 s"
+    ) in done.stderr
+    assert f"wait for {who} to finish" in done.stderr
+    assert not [c for c in node.tools.calls() if c[0] == "apt-get"]
+    assert not (node.root / LIST_FILE.lstrip("/")).exists()
 
 
 def test_install_refuses_non_root(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     dinst.add_argument("--branch", metavar="B", help="550, 550-server… (default: newest server)")
     dinst.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     dinst.add_argument(
+        "--include-dkms",
+        action="store_true",
+        help="allow modules built here by DKMS (kernels without Canonical's prebuilt modules)",
+    )
+    dinst.add_argument(
+        "--lock-timeout",
+        type=int,
+        metavar="SECONDS",
+        help="wait this long for the dpkg lock (default 600)",
+    )
+    dinst.add_argument(
         "-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help="default table"
     )
 
@@ -142,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     tinst = tsub.add_parser("install", help="apt-get install nvidia-container-toolkit if missing")
     tinst.add_argument("--dry-run", action="store_true", help="say what would run, change nothing")
     tinst.add_argument("--gpud-config", metavar="FILE", help="default /etc/gpud/gpud.yaml")
+    tinst.add_argument(
+        "--lock-timeout",
+        type=int,
+        metavar="SECONDS",
+        help="wait this long for the dpkg lock (default: apt.lockTimeout, 600)",
+    )
     tstat = tsub.add_parser("status", help="package, runtime config, CDI spec; exit 1 on problems")
     tcdi = tsub.add_parser("cdi", help="nvidia-ctk cdi generate (skipped without nvidia-ctk)")
     tcdi.add_argument("--output", dest="output_file", metavar="PATH", help="spec file to write")

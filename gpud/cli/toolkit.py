@@ -166,7 +166,8 @@ def _gpud_config(path: str | None, root: Path) -> Any:
 
 
 def toolkit_install(args: argparse.Namespace, fmt: str) -> int:
-    """Install nvidia-container-toolkit with apt when dpkg says it is missing (root)."""
+    """Install nvidia-container-toolkit with apt when dpkg says it is missing (root); each
+    apt-get waits for the dpkg lock (``--lock-timeout``, else ``apt.lockTimeout``)."""
     from gpud.config.load import ConfigError as GpudConfigError
     from gpud.host.toolkit_install import InstallError, install_toolkit
 
@@ -175,9 +176,14 @@ def toolkit_install(args: argparse.Namespace, fmt: str) -> int:
         return EXIT_FAILED
     root = _root()
     try:
-        settings = _gpud_config(args.gpud_config, root).toolkit
+        gpud_config = _gpud_config(args.gpud_config, root)
     except GpudConfigError as exc:
         print(f"gpudctl: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    settings = gpud_config.toolkit
+    lock_timeout = gpud_config.apt.lock_timeout if args.lock_timeout is None else args.lock_timeout
+    if lock_timeout < 0:
+        print("gpudctl: --lock-timeout must be 0 or more seconds", file=sys.stderr)
         return EXIT_INVALID
     os.environ.setdefault("DEBIAN_FRONTEND", "noninteractive")
     try:
@@ -186,6 +192,8 @@ def toolkit_install(args: argparse.Namespace, fmt: str) -> int:
             apt_source=settings.apt_source,
             keyring=settings.keyring,
             dry_run=args.dry_run,
+            lock_timeout=lock_timeout,
+            progress=lambda line: print(f"gpudctl: {line}", file=sys.stderr, flush=True),
         )
     except InstallError as exc:
         fix = f"; {exc.fix}" if exc.fix else ""

@@ -250,6 +250,10 @@ class Toolkit(_Strict):
     apt_source: str | None = None
     # The keyring that signs that repository; written as signed-by=<keyring>.
     keyring: Path | None = None
+    # Whether gpud bootstrap makes nvidia containerd's default runtime. Unset: only when no
+    # device-list strategy is a CDI one (NVIDIA_VISIBLE_DEVICES needs the nvidia runtime; with
+    # CDI, NVIDIA's device plugin docs require it not to be the default).
+    set_as_default: bool | None = None
 
     @field_validator("apt_source")
     @classmethod
@@ -264,6 +268,9 @@ class Driver(_Strict):
 
     # "550", "550-server", "550-server-open"; unset: the newest server branch ubuntu-drivers lists.
     branch: str | None = None
+    # Let ubuntu-drivers build the modules with DKMS (--include-dkms): needed on kernels for which
+    # Canonical ships no prebuilt modules; under Secure Boot, DKMS's key must then be enrolled.
+    include_dkms: bool = False
 
     @field_validator("branch")
     @classmethod
@@ -274,6 +281,14 @@ class Driver(_Strict):
 
         parse_wanted(value)  # ValueError with the accepted forms
         return value.strip()
+
+
+class Apt(_Strict):
+    """How gpud's apt and ubuntu-drivers runs (bootstrap, ``gpudctl toolkit install``) treat the
+    dpkg lock that unattended-upgrades holds on a new node."""
+
+    # Seconds each command waits for the dpkg/apt locks before it fails, naming their holder.
+    lock_timeout: int = Field(default=600, ge=0)
 
 
 class Log(_Strict):
@@ -292,6 +307,7 @@ class Config(_Strict):
     mig: Mig = Field(default_factory=Mig)
     toolkit: Toolkit = Field(default_factory=Toolkit)
     driver: Driver = Field(default_factory=Driver)
+    apt: Apt = Field(default_factory=Apt)
     log: Log = Field(default_factory=Log)
 
 

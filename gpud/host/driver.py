@@ -39,6 +39,9 @@ _MODULES = re.compile(rf"^linux-modules-nvidia-{_FLAGS}-(?P<kernel>.+)$")
 _LOADED = re.compile(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)")
 _BLACKLIST = re.compile(r"^\s*blacklist\s+nouveau\s*(?:#.*)?$", re.MULTILINE)
 _MODPROBE_DIRS = ("/etc/modprobe.d", "/lib/modprobe.d", "/usr/lib/modprobe.d")
+# The certificate DKMS signs modules with: Ubuntu's (update-secureboot-policy --new-key makes it,
+# Ubuntu's dkms is configured to sign with it), then Debian's dkms default.
+MOK_KEYS = ("/var/lib/shim-signed/mok/MOK.der", "/var/lib/dkms/mok.pub")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,12 @@ class DriverFacts:
     reboot_required_pkgs: tuple[str, ...] | None
     """``/var/run/reboot-required.pkgs`` when a reboot is pending, else None."""
     notes: tuple[str, ...] = ()
+    mok_key: str = "unchecked"
+    """DKMS's signing certificate as shim knows it (``mokutil --test-key``), looked at only with
+    Secure Boot on: ``enrolled``, ``pending`` (imported, waiting for MokManager at the next boot),
+    ``not-enrolled``, ``absent`` (no certificate: the modules are unsigned), ``unknown``; else
+    ``unchecked``."""
+    mok_key_path: str = MOK_KEYS[0]
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,11 @@ class DriverStatus:
     def reboot_required(self) -> bool:
         return bool(self.reboot_reasons)
 
+    @property
+    def mok_steps(self) -> tuple[str, ...]:
+        """What the operator must do before the modules can load (empty when nothing)."""
+        return mok_steps(self.facts, self.branch)
+
     def as_dict(self) -> dict[str, Any]:
         """The stable JSON form of ``gpudctl driver status -o json``.
 
@@ -118,9 +132,13 @@ class DriverStatus:
         two-letter abbreviation), ``branch`` (str|null), ``branches`` (every branch found),
         ``server``, ``open``, ``signed_prebuilt`` (Canonical's signed modules for the running
         kernel installed), ``dkms``, ``nouveau_loaded``, ``nouveau_blacklisted``,
-        ``secure_boot`` (enabled|disabled|unknown), ``persistenced`` (systemctl's word or
-        unknown), ``reboot_required`` (bool), ``reboot_reasons`` ([str]), ``problems``
-        ([{what, fix}]), ``notes`` ([str], e.g. what could not be read without root).
+        ``secure_boot`` (enabled|disabled|unknown), ``mok_key`` (enrolled|pending|not-enrolled|
+        absent|unknown|unchecked: DKMS's signing certificate, looked at with Secure Boot on),
+        ``mok_key_path``, ``mok_enrollment_required`` (bool: the modules cannot load until
+        that certificate is enrolled, a reboot alone does not help), ``mok_steps`` ([str]),
+        ``persistenced`` (systemctl's word or unknown), ``reboot_required`` (bool),
+        ``reboot_reasons`` ([str]), ``problems`` ([{what, fix}]), ``notes`` ([str], e.g. what
+        could not be read without root).
         """
         f, b = self.facts, self.branch
         return {
@@ -141,6 +159,10 @@ class DriverStatus:
             "nouveau_loaded": f.nouveau_loaded,
             "nouveau_blacklisted": f.nouveau_blacklisted,
             "secure_boot": f.secure_boot,
+            "mok_key": f.mok_key,
+            "mok_key_path": f.mok_key_path,
+            "mok_enrollment_required": bool(self.mok_steps),
+            "mok_steps": list(self.mok_steps),
             "persistenced": f.persistenced,
             "reboot_required": self.reboot_required,
             "reboot_reasons": list(self.reboot_reasons),
@@ -187,6 +209,58 @@ def parse_secure_boot(result_stdout: str, result_stderr: str, returncode: int) -
     if "SecureBoot disabled" in text or "not supported" in text:
         return "disabled"
     return "unknown"
+
+
+def parse_mok_test(stdout: str, stderr: str) -> str:
+    """``mokutil --test-key FILE``: its words, not its exit status (which differs between
+    mokutil versions for the same answer).
+
+    "is already enrolled", "is already in db" and "already in the built-in trusted keyring" mean
+    the kernel trusts it; "is already in the enrollment request" that ``mokutil --import`` ran
+    and MokManager asks at the next boot; "is not enrolled" that nobody asked yet.
+    """
+    text = f"{stdout}\n{stderr}"
+    if "is not enrolled" in text:
+        return "not-enrolled"
+    if "in the enrollment request" in text:
+        return "pending"
+    if any(w in text for w in ("is already enrolled", "is already in db", "trusted keyring")):
+        return "enrolled"
+    return "unknown"
+
+
+def mok_steps(facts: DriverFacts, branch: Branch) -> tuple[str, ...]:
+    """The operator's steps when Secure Boot refuses DKMS-built modules; () when it does not.
+
+    Only an operator at the console can enroll a key (that is what makes Secure Boot mean
+    something), so these are steps to report, never to run, and a reboot without them only
+    boots into a node whose driver does not load.
+    """
+    blocked = (
+        facts.secure_boot == "enabled"
+        and branch.dkms
+        and not branch.signed_prebuilt
+        and not facts.module_loaded
+        and facts.mok_key != "enrolled"
+    )
+    if not blocked:
+        return ()
+    key = facts.mok_key_path
+    steps: list[str] = []
+    if facts.mok_key == "absent":
+        dkms = f"nvidia-dkms-{_pkg_suffix(branch)}"
+        steps += [
+            "create DKMS's signing key: sudo update-secureboot-policy --new-key",
+            f"rebuild the modules so DKMS signs them: sudo dpkg-reconfigure {dkms}",
+        ]
+    if facts.mok_key != "pending":
+        steps.append(f"sudo mokutil --import {key} (it asks for a one-time password)")
+    steps.append(
+        "reboot at the console (or a BMC/serial console): before the OS starts, the blue "
+        "MokManager screen waits 10 seconds for a key; choose Enroll MOK, Continue, Yes, type "
+        "that password, then Reboot"
+    )
+    return tuple(steps)
 
 
 def upstream_version(debian_version: str) -> str:
@@ -293,21 +367,20 @@ def problems(facts: DriverFacts, branch: Branch, reboot: tuple[str, ...]) -> tup
                 "/etc/modprobe.d/blacklist-nouveau.conf && sudo update-initramfs -u, then reboot"
             )
         out.append(Problem("the nouveau driver is loaded and holds the GPUs", fix))
-    sb_blocks = (
-        facts.secure_boot == "enabled"
-        and branch.dkms
-        and not branch.signed_prebuilt
-        and not facts.module_loaded
-    )
+    mok = mok_steps(facts, branch)
+    sb_blocks = bool(mok)
     if sb_blocks:
+        why = {
+            "absent": f"and DKMS has no signing key ({facts.mok_key_path} is missing)",
+            "pending": "and their signing key waits for MokManager at the console",
+        }.get(facts.mok_key, "signed by a key the kernel does not trust yet (MOK not enrolled)")
         out.append(
             Problem(
-                "Secure Boot is on and the NVIDIA modules are built by DKMS, unsigned by a key "
-                "the kernel trusts",
-                "install Canonical's signed modules: sudo apt-get install "
-                f"linux-modules-nvidia-{_pkg_suffix(branch)}-{facts.kernel or '$(uname -r)'}; "
-                "or enroll DKMS's key: sudo mokutil --import /var/lib/shim-signed/mok/MOK.der "
-                "and confirm it in MokManager at the next boot",
+                f"Secure Boot is on and the NVIDIA modules are built by DKMS, {why}",
+                "install Canonical's signed modules if this kernel has them: sudo apt-get "
+                f"install linux-modules-nvidia-{_pkg_suffix(branch)}-"
+                f"{facts.kernel or '$(uname -r)'}; or enroll DKMS's key: "
+                + "; ".join(f"{i}. {step}" for i, step in enumerate(mok, 1)),
             )
         )
     no_modules = (
@@ -402,6 +475,15 @@ def _dpkg(run: CommandRunner) -> tuple[tuple[Package, ...], str | None]:
     return parse_dpkg(result.stdout), None
 
 
+def _mok_key(root: Path, run: CommandRunner) -> tuple[str, str]:
+    """(state, path) of DKMS's signing certificate; ``absent`` when none of MOK_KEYS exists."""
+    path = next((k for k in MOK_KEYS if under(root, k).is_file()), None)
+    if path is None:
+        return "absent", MOK_KEYS[0]
+    result = run(["mokutil", "--test-key", str(under(root, path))], 10.0)
+    return parse_mok_test(result.stdout, result.stderr), path
+
+
 def _persistenced(run: CommandRunner) -> str:
     result = run(["systemctl", "is-active", "nvidia-persistenced"], 10.0)
     word = result.stdout.strip().splitlines()[0] if result.stdout.strip() else ""
@@ -426,6 +508,9 @@ def collect(root: Path, run: CommandRunner, nvml_version: str | None = None) -> 
             if missing(sb)
             else f"Secure Boot state unknown: mokutil said {(sb.stderr or sb.stdout).strip()!r}"
         )
+    mok_key, mok_key_path = "unchecked", MOK_KEYS[0]
+    if secure_boot == "enabled":
+        mok_key, mok_key_path = _mok_key(root, run)
     reboot_pkgs: tuple[str, ...] | None = None
     for base in ("/var/run", "/run"):
         if under(root, f"{base}/reboot-required").exists():
@@ -447,6 +532,8 @@ def collect(root: Path, run: CommandRunner, nvml_version: str | None = None) -> 
         persistenced=_persistenced(run),
         reboot_required_pkgs=reboot_pkgs,
         notes=tuple(notes),
+        mok_key=mok_key,
+        mok_key_path=mok_key_path,
     )
 
 

@@ -10,6 +10,13 @@ one recorded, and a module that is not loaded yet is reported as "reboot require
 
 A working driver is never removed: asking for another branch than the one installed is refused
 with the commands that would do it by hand, so replacing a driver stays the operator's decision.
+
+Three things on real nodes are said rather than hit: the dpkg lock (unattended-upgrades on a new
+node) is waited for, bounded, naming its holder (:mod:`gpud.host.locks`); a kernel for which
+Canonical ships no prebuilt modules makes ubuntu-drivers print, on stdout, that DKMS is needed
+and list nothing, which is reported as such with ``--include-dkms`` as the way on; and DKMS-built
+modules under Secure Boot need their signing key enrolled (MOK) at the console, which is
+reported as the next step instead of a reboot that would not load them.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,9 +32,18 @@ from typing import Any
 from gpud.atomic import write_atomic
 from gpud.host.commands import CommandRunner, missing, run_command
 from gpud.host.driver import DriverStatus, Package, driver_status
+from gpud.host.locks import (
+    DEFAULT_TIMEOUT,
+    LOCKED,
+    Holder,
+    apt_lock_option,
+    lock_fix,
+    run_when_unlocked,
+)
 from gpud.host.platform import under
 
 LIST_ARGV = ("ubuntu-drivers", "list", "--gpgpu")
+INCLUDE_DKMS = "--include-dkms"
 STATE_DIR = "/var/lib/gpud"
 STATE_FILE = "driver.json"
 # argv[0] absolute: the runner takes no environment, and env(1) then finds apt-get on PATH.
@@ -38,6 +54,11 @@ _TAIL_LINES = 15
 _CANDIDATE = re.compile(r"^nvidia-driver-(?P<branch>\d+)(?P<server>-server)?(?P<open>-open)?$")
 _MODULES_BY = re.compile(r"\(kernel modules provided by (?P<modules>[^)\s]+)\)")
 _WANTED = re.compile(r"^(?:nvidia:)?(?P<branch>\d+)(?P<server>-server)?(?P<open>-open)?$")
+# ubuntu-drivers' kerneldetection: printed on stdout instead of any driver (exit status 0) when
+# the running kernel has no prebuilt modules in the archive; "(None)" when it found no kernel
+# metapackage at all.
+_NEEDS_DKMS = re.compile(r"^Your running kernel \([^)]*\) requires DKMS modules.*$", re.MULTILINE)
+_OUTDATED = re.compile(r"^Warning: Your running kernel .* is outdated\..*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,16 @@ class WantedBranch:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """What ``ubuntu-drivers list --gpgpu`` said: the drivers, and why there may be none."""
+
+    candidates: tuple[Candidate, ...]
+    needs_dkms: str | None = None
+    """ubuntu-drivers' own sentence when the running kernel has no prebuilt modules."""
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class InstallPlan:
     action: str
     """``nothing`` (already there), ``install`` or ``refuse``."""
@@ -79,6 +110,8 @@ class InstallPlan:
     fix: str | None = None
     reboot_required: bool = False
     reboot_reasons: tuple[str, ...] = ()
+    needs_dkms: bool = False
+    """Refused because the running kernel has no prebuilt modules (``--include-dkms``)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -95,8 +128,8 @@ class InstallResult:
     """What ``gpudctl driver install`` reports; :meth:`as_dict` is its ``-o json`` form."""
 
     result: str
-    """``already-installed``, ``installed``, ``reboot-required``, ``dry-run``, ``refused`` or
-    ``failed``; only the last two are failures (exit 1)."""
+    """``already-installed``, ``installed``, ``reboot-required``, ``mok-enrollment-required``,
+    ``dry-run``, ``refused`` or ``failed``; only the last two are failures (exit 1)."""
     message: str
     requested_branch: str | None = None
     installed_branch: str | None = None
@@ -108,6 +141,8 @@ class InstallResult:
     notes: tuple[str, ...] = ()
     output_tail: str | None = None
     state_file: str | None = None
+    mok_steps: tuple[str, ...] = ()
+    lock_holder: str | None = None
     plan: InstallPlan | None = field(default=None, compare=False)
 
     @property
@@ -120,8 +155,12 @@ class InstallResult:
         ``550-server``), ``installed_branch`` (the branch dpkg shows afterwards: may differ when
         a transitional package pulled another), ``packages`` (installed driver packages),
         ``reboot_required`` (bool: the new module is not running yet; exit status is still 0),
-        ``reboot_reasons``, ``commands`` (run, or that would run with --dry-run), ``fix``,
-        ``notes``, ``output_tail`` (the tools' last lines on failure), ``state_file``.
+        ``reboot_reasons``, ``mok_enrollment_required`` (bool: Secure Boot refuses the
+        DKMS-built modules until their key is enrolled at the console; a reboot alone does not
+        load them), ``mok_steps`` (the operator's steps, in order), ``commands`` (run, or that
+        would run with --dry-run), ``fix``, ``notes``, ``output_tail`` (the tools' last lines
+        on failure), ``lock_holder`` (the process that kept the dpkg lock, e.g.
+        ``unattended-upgr (pid 812)``, when the wait for it ran out), ``state_file``.
         """
         return {
             "result": self.result,
@@ -132,10 +171,13 @@ class InstallResult:
             "packages": list(self.packages),
             "reboot_required": self.reboot_required,
             "reboot_reasons": list(self.reboot_reasons),
+            "mok_enrollment_required": bool(self.mok_steps),
+            "mok_steps": list(self.mok_steps),
             "commands": list(self.commands),
             "fix": self.fix,
             "notes": list(self.notes),
             "output_tail": self.output_tail,
+            "lock_holder": self.lock_holder,
             "state_file": self.state_file,
         }
 
@@ -168,6 +210,17 @@ def parse_candidates(stdout: str) -> tuple[Candidate, ...]:
             mods.group("modules") if mods else None,
         )
     return tuple(found.values())
+
+
+def parse_listing(stdout: str) -> Listing:
+    """``ubuntu-drivers list --gpgpu [--include-dkms]``'s stdout, kept whole: drivers, and the
+    sentences it prints instead of them (a kernel that needs DKMS, an outdated kernel)."""
+    needs = _NEEDS_DKMS.search(stdout)
+    return Listing(
+        parse_candidates(stdout),
+        needs.group(0).strip() if needs else None,
+        tuple(m.group(0).strip() for m in _OUTDATED.finditer(stdout)),
+    )
 
 
 def parse_wanted(text: str) -> WantedBranch:
@@ -222,10 +275,21 @@ def meta_packages(c: Candidate) -> tuple[str, ...]:
     return (f"nvidia-headless-no-dkms-{f}", f"nvidia-headless-{f}", f"nvidia-driver-{f}")
 
 
-def install_commands(c: Candidate) -> tuple[tuple[str, ...], ...]:
+def install_commands(
+    c: Candidate, include_dkms: bool = False, lock_timeout: float = DEFAULT_TIMEOUT
+) -> tuple[tuple[str, ...], ...]:
+    """ubuntu-drivers has no lock timeout of its own (gpud waits before it); apt-get gets one."""
+    dkms = (INCLUDE_DKMS,) if include_dkms else ()
     return (
-        (*NONINTERACTIVE, "ubuntu-drivers", "install", "--gpgpu", f"nvidia:{c.flavour}"),
-        (*NONINTERACTIVE, "apt-get", "install", "-y", utils_package(c)),
+        (*NONINTERACTIVE, "ubuntu-drivers", "install", "--gpgpu", *dkms, f"nvidia:{c.flavour}"),
+        (
+            *NONINTERACTIVE,
+            "apt-get",
+            "install",
+            "-y",
+            *apt_lock_option(lock_timeout),
+            utils_package(c),
+        ),
     )
 
 
@@ -267,8 +331,14 @@ def plan_install(
     status: DriverStatus,
     wanted: WantedBranch | None,
     candidates: Sequence[Candidate] | None,
+    *,
+    needs_dkms: str | None = None,
+    include_dkms: bool = False,
+    lock_timeout: float = DEFAULT_TIMEOUT,
 ) -> InstallPlan:
-    """What ``driver install`` should do; ``candidates`` None when ubuntu-drivers is missing.
+    """What ``driver install`` should do; ``candidates`` None when ubuntu-drivers is missing,
+    ``needs_dkms`` ubuntu-drivers' sentence when it listed nothing because the running kernel
+    has no prebuilt modules.
 
     Order matters: a broken dpkg first (nothing can be installed), then a driver already in
     place (never touched: nothing to do when it is the wanted one, refused when it is not), and
@@ -341,6 +411,24 @@ def plan_install(
             "ubuntu-drivers is not installed",
             fix="sudo apt-get install -y ubuntu-drivers-common",
         )
+    if not candidates and needs_dkms and not include_dkms:
+        kernel = status.facts.kernel or "the running kernel"
+        secure = (
+            " Secure Boot is on: DKMS-built modules then load only once their signing key is "
+            "enrolled at the console (MOK), which the install reports."
+            if status.facts.secure_boot == "enabled"
+            else ""
+        )
+        return InstallPlan(
+            "refuse",
+            f"Canonical ships no prebuilt NVIDIA modules for the running kernel {kernel}, so "
+            f"ubuntu-drivers offers only modules built here by DKMS and lists nothing without "
+            f"--include-dkms; it said: {needs_dkms}",
+            fix="build them with DKMS: sudo gpudctl driver install --include-dkms (gpud "
+            "bootstrap: driver.includeDkms: true in /etc/gpud/gpud.yaml); or boot an Ubuntu "
+            "kernel with prebuilt modules (e.g. linux-generic) and run this again." + secure,
+            needs_dkms=True,
+        )
     if not candidates:
         return InstallPlan(
             "refuse",
@@ -358,9 +446,11 @@ def plan_install(
         )
     return InstallPlan(
         "install",
-        f"install driver {c.flavour}" + ("" if wanted else " (the newest server branch)"),
+        f"install driver {c.flavour}"
+        + ("" if wanted else " (the newest server branch)")
+        + (" with DKMS-built modules" if include_dkms else ""),
         candidate=c,
-        commands=install_commands(c),
+        commands=install_commands(c, include_dkms, lock_timeout),
     )
 
 
@@ -381,15 +471,14 @@ def verify(status: DriverStatus, c: Candidate) -> tuple[bool, str | None, tuple[
 
 def after_install_reboot(status: DriverStatus) -> tuple[str, ...]:
     """Why the new driver is not running yet (empty when it is)."""
-    f, b = status.facts, status.branch
+    f = status.facts
     reasons = list(status.reboot_reasons)
     if not f.module_loaded:
         reasons.append("the new kernel module is not loaded: reboot (or sudo modprobe nvidia)")
-    if f.secure_boot == "enabled" and b.dkms and not b.signed_prebuilt and not f.module_loaded:
+    if status.mok_steps:
         reasons.append(
-            "Secure Boot is on and the modules are built by DKMS: enroll the MOK "
-            "(sudo mokutil --import /var/lib/shim-signed/mok/MOK.der) and confirm it in "
-            "MokManager during the reboot"
+            "Secure Boot is on and the modules are built by DKMS: the reboot loads them only "
+            f"once {f.mok_key_path} is enrolled (MOK; see mok_steps)"
         )
     if f.nouveau_loaded:
         reasons.append("nouveau is loaded and holds the GPUs until the reboot")
@@ -399,12 +488,12 @@ def after_install_reboot(status: DriverStatus) -> tuple[str, ...]:
 # --- effects ----------------------------------------------------------------------------------
 
 
-def list_candidates(run: CommandRunner) -> tuple[tuple[Candidate, ...] | None, str]:
-    """Candidates (None when ubuntu-drivers is missing) and its stderr, for messages."""
-    result = run(list(LIST_ARGV), 120.0)
+def list_candidates(run: CommandRunner, include_dkms: bool = False) -> tuple[Listing | None, str]:
+    """What ubuntu-drivers lists (None when it is missing) and its stderr, for messages."""
+    result = run([*LIST_ARGV, *((INCLUDE_DKMS,) if include_dkms else ())], 120.0)
     if missing(result):
         return None, result.stderr
-    return parse_candidates(result.stdout), result.stderr
+    return parse_listing(result.stdout), result.stderr
 
 
 def _tail(*texts: str) -> str:
@@ -427,20 +516,33 @@ def install_driver(
     wanted: WantedBranch | None = None,
     *,
     pinned: str | None = None,
+    include_dkms: bool = False,
     dry_run: bool = False,
     run: CommandRunner = run_command,
     now: float | None = None,
+    lock_timeout: float = DEFAULT_TIMEOUT,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> InstallResult:
     """Plan, run and verify; ``pinned`` is the config's branch, used when ``wanted`` is None.
 
-    The caller checks root (``dry_run`` needs none). The state file is written whenever a
-    command was run, failures included, so the next bootstrap knows what was tried.
+    ``lock_timeout`` bounds each wait for the dpkg/apt locks; ``progress`` hears who holds one
+    while gpud waits. The caller checks root (``dry_run`` needs none). The state file is
+    written whenever a command was run, failures included, so the next bootstrap knows what
+    was tried.
     """
     if wanted is None and pinned:
         wanted = parse_wanted(pinned)
     before = driver_status(root, run)
-    candidates, list_err = list_candidates(run)
-    plan = plan_install(before, wanted, candidates)
+    listing, list_err = list_candidates(run, include_dkms)
+    plan = plan_install(
+        before,
+        wanted,
+        listing.candidates if listing is not None else None,
+        needs_dkms=listing.needs_dkms if listing is not None else None,
+        include_dkms=include_dkms,
+        lock_timeout=lock_timeout,
+    )
+    listed_notes = listing.warnings if listing is not None else ()
     requested = plan.candidate.flavour if plan.candidate else (str(wanted) if wanted else None)
     if plan.action == "refuse":
         return InstallResult(
@@ -449,12 +551,15 @@ def install_driver(
             requested,
             commands=tuple(" ".join(c) for c in plan.commands),
             fix=plan.fix,
+            notes=listed_notes,
             output_tail=_tail(list_err) or None,
             plan=plan,
         )
     b = before.branch
     current = flavour(b.branch, b.server, b.open) if b.branch else None
     if plan.action == "nothing":
+        if before.mok_steps:
+            return replace(_mok_result(before, current, plan, (), ()), requested_branch=requested)
         return InstallResult(
             "reboot-required" if plan.reboot_required else "already-installed",
             ("already installed: " if not plan.reboot_required else "")
@@ -476,54 +581,123 @@ def install_driver(
             requested,
             current,
             commands=commands,
+            notes=listed_notes,
             plan=plan,
         )
-    result = _execute(root, plan, plan.candidate, run)
+    result = _execute(root, plan, plan.candidate, run, lock_timeout, progress)
     state = {
         "requested_branch": requested,
         "installed_branch": result.installed_branch,
         "packages": list(result.packages),
         "result": result.result,
         "reboot_required": result.reboot_required,
+        "mok_enrollment_required": bool(result.mok_steps),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
         "commands": list(result.commands),
     }
     path = write_state(root, state)
-    return replace(result, requested_branch=requested, state_file=str(path))
+    return replace(
+        result,
+        requested_branch=requested,
+        notes=listed_notes + result.notes,
+        state_file=str(path),
+    )
 
 
-def _execute(root: Path, plan: InstallPlan, c: Candidate, run: CommandRunner) -> InstallResult:
+def _mok_result(
+    status: DriverStatus,
+    installed: str | None,
+    plan: InstallPlan,
+    commands: tuple[str, ...],
+    notes: tuple[str, ...],
+) -> InstallResult:
+    """Installed, but Secure Boot will refuse the modules until the operator enrolls the key."""
+    f = status.facts
+    why = {
+        "absent": "DKMS has no signing key, so they are unsigned",
+        "pending": "their signing key is queued and waits for MokManager at the console",
+    }.get(f.mok_key, f"their signing key {f.mok_key_path} is not enrolled")
+    return InstallResult(
+        "mok-enrollment-required",
+        f"driver {installed} is installed, but Secure Boot refuses its DKMS-built modules: {why}. "
+        "A reboot alone does not load them; enroll the key (mok_steps), which ends with the reboot",
+        installed_branch=installed,
+        packages=_driver_packages(status),
+        reboot_required=True,
+        reboot_reasons=after_install_reboot(status),
+        commands=commands,
+        notes=notes,
+        mok_steps=status.mok_steps,
+        plan=plan,
+    )
+
+
+def _lock_failed(
+    what: str, holder: Holder, lock_timeout: float, commands: tuple[str, ...], plan: InstallPlan
+) -> InstallResult:
+    return InstallResult(
+        "failed",
+        f"{what} did not run: {holder.path} is still held by {holder} after {lock_timeout:g} s",
+        commands=commands,
+        fix=lock_fix(holder),
+        lock_holder=str(holder),
+        plan=plan,
+    )
+
+
+def _execute(
+    root: Path,
+    plan: InstallPlan,
+    c: Candidate,
+    run: CommandRunner,
+    lock_timeout: float,
+    progress: Callable[[str], None],
+) -> InstallResult:
     drivers_argv, utils_argv = plan.commands
     done = (" ".join(drivers_argv),)
-    ud = run(drivers_argv, INSTALL_TIMEOUT)
+    ud, holder = run_when_unlocked(run, drivers_argv, INSTALL_TIMEOUT, root, lock_timeout, progress)
+    if ud.returncode == LOCKED and holder is not None:
+        return _lock_failed("ubuntu-drivers install", holder, lock_timeout, (), plan)
     mid = driver_status(root, run)
     ok, installed, notes = verify(mid, c)
     if not ok:
         hint = "ubuntu-drivers ran but installed nothing"
         if missing(ud):
             hint = "ubuntu-drivers is not installed"
+        elif holder is not None:
+            hint = f"ubuntu-drivers lost the dpkg lock to {holder}"
         elif ud.returncode != 0:
             hint = f"ubuntu-drivers failed (exit {ud.returncode})"
+        listing = parse_listing(ud.stdout)
+        fix = (
+            "read its output below; a kernel without prebuilt modules (ubuntu-drivers then "
+            "needs --include-dkms) is common; try by hand: sudo ubuntu-drivers install --gpgpu "
+            f"nvidia:{c.flavour}"
+        )
+        if listing.needs_dkms:
+            fix = "run it with --include-dkms (ubuntu-drivers: " + listing.needs_dkms + ")"
+        elif holder is not None:
+            fix = lock_fix(holder)
         return InstallResult(
             "failed",
             f"{hint}: no {' or '.join(meta_packages(c))} in dpkg afterwards",
             installed_branch=installed,
             packages=_driver_packages(mid),
             commands=done,
-            fix="read its output below; a held apt lock (another apt running) or a kernel "
-            "without prebuilt modules (ubuntu-drivers then needs --include-dkms) are common; "
-            f"try by hand: sudo ubuntu-drivers install --gpgpu nvidia:{c.flavour}",
+            fix=fix,
             output_tail=_tail(ud.stdout, ud.stderr) or "(no output)",
+            lock_holder=str(holder) if holder else None,
             plan=plan,
         )
-    apt = run(utils_argv, INSTALL_TIMEOUT)
+    apt, holder = run_when_unlocked(run, utils_argv, INSTALL_TIMEOUT, root, lock_timeout, progress)
+    utils = utils_package(c)
+    if apt.returncode == LOCKED and holder is not None:
+        return _lock_failed(f"apt-get install {utils}", holder, lock_timeout, done, plan)
     done += (" ".join(utils_argv),)
     after = driver_status(root, run)
     ok, installed, notes = verify(after, c)
-    utils = utils_package(c)
     if apt.returncode != 0 or utils not in _installed_names(after.facts.packages):
         tail = _tail(apt.stdout, apt.stderr) or "(no output)"
-        lock = "Could not get lock" in tail or "is held by process" in tail
         return InstallResult(
             "failed",
             f"apt-get install {utils} failed (exit {apt.returncode}): "
@@ -532,15 +706,17 @@ def _execute(root: Path, plan: InstallPlan, c: Candidate, run: CommandRunner) ->
             packages=_driver_packages(after),
             commands=done,
             fix=(
-                "another apt or unattended-upgrades holds the dpkg lock: wait for it, then run "
-                "this again"
-                if lock
+                f"{holder} kept the dpkg lock: {lock_fix(holder)}"
+                if holder is not None
                 else f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y {utils}"
             ),
             notes=notes,
             output_tail=tail,
+            lock_holder=str(holder) if holder else None,
             plan=plan,
         )
+    if after.mok_steps:
+        return _mok_result(after, installed, plan, done, notes)
     reboot = after_install_reboot(after)
     if reboot:
         return InstallResult(

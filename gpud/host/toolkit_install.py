@@ -14,12 +14,20 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpud.atomic import write_atomic
 from gpud.host.commands import CommandRunner, missing, run_command
+from gpud.host.locks import (
+    DEFAULT_TIMEOUT,
+    LOCKED,
+    apt_lock_option,
+    lock_fix,
+    run_when_unlocked,
+)
 from gpud.host.platform import under
 
 if TYPE_CHECKING:
@@ -168,12 +176,16 @@ def install_toolkit(
     apt_source: str | None = None,
     keyring: Path | None = None,
     dry_run: bool = False,
+    lock_timeout: float = DEFAULT_TIMEOUT,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> InstallResult:
     """Install nvidia-container-toolkit when dpkg says it is missing; verify through dpkg.
 
     The list file is written only when apt has no candidate, and is put back as it was (removed,
     or its old text restored) when ``apt-get update`` or the install then fails, so a failed run
-    leaves no source behind that the operator did not get a working package from.
+    leaves no source behind that the operator did not get a working package from. Each apt-get
+    waits up to ``lock_timeout`` seconds for the dpkg/apt locks (``progress`` hears who holds
+    them) instead of failing on the first "Could not get lock".
     """
     version = installed_version(run)
     if version is not None:
@@ -198,8 +210,9 @@ def install_toolkit(
         if "add-source" in steps:
             write_atomic(list_path, f"{line}\n".encode(), LIST_MODE)
             list_path.chmod(LIST_MODE)
+        wait = apt_lock_option(lock_timeout)
         if "update" in steps:
-            _apt(run, ["apt-get", "update"], 300.0)
+            _apt(run, root, ["apt-get", "update", *wait], 300.0, lock_timeout, progress)
             if _candidate(run) is None:
                 raise InstallError(
                     f"apt-get update succeeded but {PACKAGE} is still not available from {line}",
@@ -207,8 +220,11 @@ def install_toolkit(
                 )
         _apt(
             run,
-            ["apt-get", "install", "-y", "-o", "Dpkg::Options::=--force-confold", PACKAGE],
+            root,
+            ["apt-get", "install", "-y", *wait, "-o", "Dpkg::Options::=--force-confold", PACKAGE],
             900.0,
+            lock_timeout,
+            progress,
         )
         version = installed_version(run)
         if version is None:
@@ -232,8 +248,24 @@ def _candidate(run: CommandRunner) -> str | None:
     return parse_candidate(result.stdout)
 
 
-def _apt(run: CommandRunner, argv: list[str], timeout: float) -> None:
-    result = run(argv, timeout)
+def _apt(
+    run: CommandRunner,
+    root: Path,
+    argv: list[str],
+    timeout: float,
+    lock_timeout: float,
+    progress: Callable[[str], None],
+) -> None:
+    """Run apt-get once the locks are free (``argv`` has apt's own wait for a lock taken
+    meanwhile, ``DPkg::Lock::Timeout``)."""
+    result, holder = run_when_unlocked(run, argv, timeout, root, lock_timeout, progress)
+    if holder is not None:
+        verb = " ".join(argv[:2])
+        ran = "did not run" if result.returncode == LOCKED else "gave up"
+        raise InstallError(
+            f"'{verb}' {ran}: {holder.path} is still held by {holder} after {lock_timeout:g} s",
+            lock_fix(holder),
+        )
     if result.returncode != 0:
         raise InstallError(
             f"'{' '.join(argv)}' failed (exit {result.returncode}): "
