@@ -13,16 +13,23 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from gpud.cli.gpud_main import main
 from gpud.config.load import load as load_config
+from gpud.host import bootstrap as bootstrap_module
 from gpud.host.bootstrap import (
     ALREADY,
+    AWAITING_MOK,
     AWAITING_REBOOT,
     DONE,
+    LOCK_FILE,
     RESUME_MARKER,
     STATE_FILE,
     Context,
@@ -31,9 +38,12 @@ from gpud.host.bootstrap import (
     step_service,
 )
 from gpud.host.commands import run_command
+from tests.conftest import unavailable
 from tests.support.fakehost import GOLDEN, FakeTools, golden, mkdir, write
+from tests.support.locks import HOLDER_NAME, LockHolder, real_apt_with_gpud_options
 
 KERNEL = "6.8.0-45-generic"
+LOCK_OPTION = ["-o", "DPkg::Lock::Timeout=600"]
 TEMPLATE = "/var/snap/microk8s/current/args/containerd-template.toml"
 FIXTURE = Path("/work/shared/fixtures/microk8s-containerd-template.toml")
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
@@ -78,6 +88,7 @@ class Node:
         for unit in ("gpud.service", "gpud-bootstrap-resume.service"):
             write(r, f"/usr/lib/systemd/system/{unit}", (UNITS / unit).read_text())
         self.config = write(tmp, "/gpud.yaml", "version: v1\nmig:\n  layout: all-1g.10gb\n")
+        self.tmp = tmp
         self.tools = FakeTools(tmp / "tools")
         self._fakes()
         self.dpkg("dpkg-none", "dpkg")
@@ -88,9 +99,13 @@ class Node:
         monkeypatch.setenv("GPUD_ROOT", str(self.root))
         monkeypatch.setattr(os, "geteuid", lambda: 0)
 
-    def _fakes(self) -> None:
+    def _fakes(self, real_locks: bool = False, ud_seconds: float = 0) -> None:
+        """``real_locks``: apt-get first takes dpkg's locks with the real apt-get, with gpud's
+        options (apt's own wait); ``ud_seconds``: ubuntu-drivers install takes that long."""
         s = shlex.quote(str(self.state))
         t = self.tools
+        apt_locks = real_apt_with_gpud_options(self.root) if real_locks else ""
+        ud_sleep = f"/bin/sleep {ud_seconds}; " if ud_seconds else ""
         t.add_script(
             "dpkg-query",
             'for last in "$@"; do :; done\n'
@@ -104,21 +119,26 @@ class Node:
             "ubuntu-drivers",
             'case "$1" in\n'
             f"  list) /bin/cat {s}/list.out ;;\n"
-            f"  install) /bin/cp {s}/after-ud.out {s}/dpkg.out; /bin/cp {s}/after-ud.err"
+            f"  install) {ud_sleep}/bin/cp {s}/after-ud.out {s}/dpkg.out; /bin/cp {s}/after-ud.err"
             f" {s}/dpkg.err ;;\nesac\nexit 0",
         )
         t.add_script(
             "apt-get",
             f"if [ -f {s}/apt-fail ]; then"
             " echo 'E: Could not get lock /var/lib/dpkg/lock-frontend' >&2; exit 100; fi\n"
-            'for last in "$@"; do :; done\n'
+            + apt_locks
+            + 'for last in "$@"; do :; done\n'
             'case "$last" in\n'
             f"  nvidia-container-toolkit) : > {s}/toolkit ;;\n"
             f"  nvidia-utils-*) /bin/cp {s}/after-apt.out {s}/dpkg.out;"
             f" /bin/cp {s}/after-apt.err {s}/dpkg.err ;;\nesac\nexit 0",
         )
         t.add_golden("apt-cache", "apt-cache-policy-toolkit")
-        t.add_golden("mokutil", "mokutil-disabled")
+        t.add_script(
+            "mokutil",
+            f'case "$1" in --test-key) /bin/cat {s}/key.out;; *) /bin/cat {s}/sb.out;; esac',
+        )
+        self.secure_boot(False)
         t.add_script(
             "systemctl",
             'case "$1 $2" in\n'
@@ -140,6 +160,48 @@ class Node:
             'for a in "$@"; do case "$a" in --output=*) out="${a#--output=}";; esac; done\n'
             f'/bin/cat {spec} > "$out"',
         )
+
+    def secure_boot(self, on: bool, key: str | None = None) -> None:
+        """mokutil's answers: Secure Boot on or off, DKMS's certificate as --test-key says."""
+        (self.state / "sb.out").write_text(golden(f"mokutil-{'enabled' if on else 'disabled'}.out"))
+        (self.state / "key.out").write_text(golden(f"mokutil-test-key-{key}.out") if key else "")
+        if key:
+            write(self.root, "/var/lib/shim-signed/mok/MOK.der", "certificate")
+
+    def configure(self, text: str) -> None:
+        self.config.write_text("version: v1\nmig:\n  layout: all-1g.10gb\n" + text)
+
+    def gpud_running(self) -> None:
+        """gpud.service enabled and active, as the package leaves it."""
+        (self.state / "gpud-enabled").touch()
+        (self.state / "gpud-active").touch()
+
+    def process(self, *args: str) -> subprocess.Popen[str]:
+        """``gpud bootstrap`` as its own process (as root, as cloud-init and the unit run it)."""
+        if os.getuid() != 0:
+            unavailable("running gpud bootstrap as a process needs root")
+        env = {**os.environ, "PATH": self.tools.path, "GPUD_ROOT": str(self.root)}
+        return subprocess.Popen(
+            [sys.executable, "-m", "gpud.cli.gpud_main", "bootstrap", "--config",
+             str(self.config), "-o", "json", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    def wait_for_step(self, step: str, timeout: float = 60.0) -> dict:
+        """The state file once a running bootstrap has started ``step``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                state = self.state_file()
+            except (OSError, ValueError):
+                state = {}
+            if state.get("phase") == "running" and state.get("step") == step:
+                return state
+            time.sleep(0.05)
+        raise AssertionError(f"bootstrap did not reach step {step}")
 
     def dpkg(self, stem: str, when: str) -> None:
         for ext in ("out", "err"):
@@ -196,7 +258,7 @@ def test_fresh_node_through_reboot_then_no_op(
     assert "[1/7] driver:" in err and "[2/7] reboot:" in err
     assert node.mutating() == [
         ["ubuntu-drivers", "install", "--gpgpu", "nvidia:550-server"],
-        ["apt-get", "install", "-y", "nvidia-utils-550-server"],
+        ["apt-get", "install", "-y", *LOCK_OPTION, "nvidia-utils-550-server"],
         ["systemctl", "enable", "gpud-bootstrap-resume.service"],
         ["systemctl", "reboot"],
     ]
@@ -235,17 +297,15 @@ def test_fresh_node_through_reboot_then_no_op(
     }
     assert "[3/7] toolkit: installed nvidia-container-toolkit" in err
     assert "[6/7] mig: gpud applies all-1g.10gb at start" in err
-    mutating = node.mutating()
-    assert mutating[:2] == [
-        ["systemctl", "disable", "gpud-bootstrap-resume.service"],
-        ["apt-get", "install", "-y", "-o", "Dpkg::Options::=--force-confold",
+    # the unit is disarmed last, once the setup is done: a failure before that leaves it armed
+    assert node.mutating() == [
+        ["apt-get", "install", "-y", *LOCK_OPTION, "-o", "Dpkg::Options::=--force-confold",
          "nvidia-container-toolkit"],
-    ]  # fmt: skip
-    assert mutating[2:] == [
         ["snap", "restart", "microk8s.daemon-containerd"],
         ["nvidia-ctk", "cdi", "generate", f"--output={node.path('/var/run/cdi/nvidia.yaml')}",
          "--format=yaml"],
         ["systemctl", "enable", "--now", "gpud.service"],
+        ["systemctl", "disable", "gpud-bootstrap-resume.service"],
     ]  # fmt: skip
     assert not node.path(RESUME_MARKER).exists()
     edited = node.path(TEMPLATE).read_text()
@@ -361,11 +421,14 @@ def test_not_root_exits_1(
 
 def test_resume_decision() -> None:
     armed = {"phase": AWAITING_REBOOT, "boot_id": "a"}
-    assert resume_decision(armed, True, "b")[0] == "proceed"
-    assert resume_decision(armed, True, "a")[0] == "refuse"
-    assert resume_decision(armed, False, "b")[0] == "nothing"
-    assert resume_decision({"phase": "done"}, True, "b")[0] == "nothing"
-    assert resume_decision({}, False, None)[0] == "nothing"
+    assert resume_decision("a\n", armed, "b")[0] == "proceed"
+    assert resume_decision("a\n", armed, "a")[0] == "refuse"
+    assert resume_decision(None, armed, "b")[0] == "nothing"
+    # the marker, not the phase, arms it: a failed resume stays armed for the next try
+    assert resume_decision("a\n", {"phase": "failed"}, "b")[0] == "proceed"
+    assert resume_decision("\n", armed, "a")[0] == "refuse"  # the state's boot ID, then
+    assert resume_decision("", {}, None)[0] == "proceed"  # nothing proves it did not reboot
+    assert "MOK" in resume_decision("a", {"phase": AWAITING_MOK}, "a")[1]
 
 
 def test_another_gpud_fails_service_step_with_its_removal(
@@ -398,3 +461,317 @@ def test_gpud_running_before_the_driver_is_restarted_on_it(node: Node) -> None:
     ctx.results["driver"] = StepResult("driver", ALREADY, "550-server loaded")
     assert step_service(ctx).status == ALREADY
     assert node.mutating() == []
+
+
+# --- the dpkg lock, and a resume that fails ------------------------------------------------------
+
+
+def test_first_boot_waits_for_the_dpkg_lock_and_names_its_holder(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node._fakes(real_locks=True)
+    with LockHolder(node.path("/var/lib/dpkg/lock-frontend"), 2.0, scratch=node.tmp) as holder:
+        rc, d, err = node.bootstrap(capsys)
+    assert rc == 0, err
+    assert d["phase"] == AWAITING_REBOOT
+    assert (
+        f"waiting for /var/lib/dpkg/lock-frontend, held by {HOLDER_NAME} (pid {holder.pid}) "
+        "(up to 600 s)"
+    ) in err
+
+
+def test_a_lock_held_too_long_fails_the_driver_step_naming_its_holder(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.configure("apt:\n  lockTimeout: 1\n")
+    with LockHolder(node.path("/var/lib/dpkg/lock"), scratch=node.tmp) as holder:
+        rc, d, _ = node.bootstrap(capsys)
+    who = f"{HOLDER_NAME} (pid {holder.pid})"
+    assert rc == 1 and d["failed_step"] == "driver"
+    assert f"/var/lib/dpkg/lock is still held by {who} after 1 s" in d["message"]
+    assert f"wait for {who} to finish" in d["fix"] and "apt.lockTimeout" in d["fix"]
+    assert node.mutating() == []
+    assert not node.path(RESUME_MARKER).exists()
+
+
+def test_resume_retries_a_failed_step_and_disarms_only_when_done(
+    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the reboot unattended-upgrades holds the lock past apt.lockTimeout: the resume's
+    toolkit step fails, the unit stays armed, and the next attempt (the holder done by then)
+    finishes the setup."""
+    assert node.bootstrap(capsys)[0] == 0
+    node.reboot()
+    node.configure("apt:\n  lockTimeout: 1\n")
+    holder = LockHolder(node.path("/var/lib/dpkg/lock-frontend"), scratch=node.tmp)
+    seen: list[dict] = []
+
+    def pause(seconds: float) -> None:
+        # between the attempts: still armed, nothing disabled; then the holder finishes
+        seen.append(
+            {
+                "seconds": seconds,
+                "marker": node.path(RESUME_MARKER).exists(),
+                "disabled": ["systemctl", "disable", "gpud-bootstrap-resume.service"]
+                in node.tools.calls(),
+                "state": node.state_file(),
+            }
+        )
+        holder.release()
+
+    monkeypatch.setattr(bootstrap_module, "pause", pause)
+    try:
+        rc, d, err = node.bootstrap(capsys, "--resume")
+    finally:
+        holder.release()
+    assert rc == 0, err
+    assert d["phase"] == "done"
+    assert len(seen) == 1 and seen[0]["seconds"] == 60.0
+    assert seen[0]["marker"] is True and seen[0]["disabled"] is False
+    first = seen[0]["state"]
+    assert first["phase"] == "failed" and first["failed_step"] == "toolkit"
+    assert first["resume_failures"] == 1
+    assert f"held by {HOLDER_NAME} (pid {holder.pid})" in first["steps"]["toolkit"]["detail"]
+    assert "attempt 1 of 3 failed at step toolkit; trying again in 60 s" in err
+    assert not node.path(RESUME_MARKER).exists()
+    assert node.mutating()[-1] == ["systemctl", "disable", "gpud-bootstrap-resume.service"]
+    state = node.state_file()
+    assert state["phase"] == "done" and "resume_failures" not in state
+
+
+def test_a_resume_that_keeps_failing_stays_armed_then_gives_up(
+    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert node.bootstrap(capsys)[0] == 0
+    node.reboot()
+    node.configure("apt:\n  lockTimeout: 0\n")
+    monkeypatch.setattr(bootstrap_module, "pause", lambda seconds: None)
+    disable = ["systemctl", "disable", "gpud-bootstrap-resume.service"]
+    with LockHolder(node.path("/var/lib/dpkg/lock-frontend"), scratch=node.tmp):
+        rc, d, err = node.bootstrap(capsys, "--resume")
+        assert rc == 1 and d["failed_step"] == "toolkit"
+        assert "stays armed and tries again at the next boot (3 of 5 attempts used)" in d["message"]
+        assert err.count("failed at step toolkit; trying again") == 2
+        assert node.path(RESUME_MARKER).exists() and disable not in node.mutating()
+        assert node.state_file()["resume_failures"] == 3
+        # the next boot: two more attempts, then the unit is disarmed
+        write(node.root, "/proc/sys/kernel/random/boot_id", "33333333-aaaa-4bbb-8ccc-3\n")
+        rc, d, _ = node.bootstrap(capsys, "--resume")
+    assert rc == 1
+    assert "gave up after 5 attempts: gpud-bootstrap-resume.service is disabled" in d["message"]
+    assert not node.path(RESUME_MARKER).exists() and disable in node.mutating()
+    rc, d, _ = node.bootstrap(capsys, "--resume")
+    assert rc == 0 and "nothing to resume" in d["message"]
+
+
+def test_a_failure_that_cannot_pass_by_itself_is_not_retried_in_the_same_boot(
+    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert node.bootstrap(capsys)[0] == 0
+    node.reboot()
+    node.config.write_text("version: v1\nmig:\n  layout: all-9g.99gb\n")
+    pauses: list[float] = []
+    monkeypatch.setattr(bootstrap_module, "pause", pauses.append)
+    rc, d, _ = node.bootstrap(capsys, "--resume")
+    assert rc == 1 and d["failed_step"] == "mig" and pauses == []
+    assert "(1 of 5 attempts used)" in d["message"] and node.path(RESUME_MARKER).exists()
+
+
+# --- one bootstrap at a time ---------------------------------------------------------------------
+
+
+def test_a_second_bootstrap_at_once_does_nothing_and_names_the_first(node: Node) -> None:
+    """Two runs at once (the operator's beside cloud-init's): one installs and reboots, the
+    other stops at the lock; neither ubuntu-drivers nor the reboot run twice."""
+    node._fakes(ud_seconds=2)
+    first = node.process()
+    try:
+        node.wait_for_step("driver")
+        second = node.process()
+        out, err = second.communicate(timeout=120)
+    finally:
+        first_out, first_err = first.communicate(timeout=120)
+    assert first.returncode == 0, first_err
+    assert json.loads(first_out)["phase"] == AWAITING_REBOOT
+    assert second.returncode == 1
+    assert "gpud: another gpud bootstrap is running: " in err
+    assert f"(pid {first.pid}) holds {LOCK_FILE}; this one did nothing" in err
+    assert json.loads(out)["busy_pid"] == first.pid
+    calls = node.tools.calls()
+    assert calls.count(["ubuntu-drivers", "install", "--gpgpu", "nvidia:550-server"]) == 1
+    assert calls.count(["systemctl", "reboot"]) == 1
+
+
+def test_doctor_reports_a_running_bootstrap_then_a_stale_one(node: Node) -> None:
+    """Killed in the middle of a step (the node lost power, an operator's ^C): the state says
+    running, but nothing holds the lock; doctor says so, with what to run."""
+    node._fakes(ud_seconds=30)
+    run = node.process()
+    try:
+        node.wait_for_step("driver")
+        running = doctor_bootstrap_line(node)
+        assert running["ok"] is None
+        assert f"running step driver, pid {run.pid}" in running["detail"]
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.communicate(timeout=60)
+    stale = doctor_bootstrap_line(node)
+    assert stale["ok"] is False
+    assert stale["detail"].startswith("stale: bootstrap.json says running step driver")
+    assert f"its process (pid {run.pid}) is gone" in stale["detail"]
+    assert stale["fix"].startswith("sudo gpud bootstrap")
+
+
+def doctor_bootstrap_line(node: Node) -> dict:
+    env = {**os.environ, "PATH": node.tools.path, "GPUD_ROOT": str(node.root)}
+    out = subprocess.run(
+        [sys.executable, "-m", "gpud.cli.gpudctl", "--socket", str(node.tmp / "no.sock"),
+         "doctor", "-o", "json"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr
+    (line,) = [c for c in json.loads(out.stdout)["checks"] if c["area"] == "bootstrap"]
+    return line
+
+
+# --- nvidia as containerd's default runtime ------------------------------------------------------
+
+
+def default_runtime_of(node: Node) -> str | None:
+    import tomllib
+
+    cri = tomllib.loads(node.path(TEMPLATE).read_text())["plugins"]["io.containerd.grpc.v1.cri"]
+    return cri["containerd"].get("default_runtime_name")
+
+
+@pytest.mark.parametrize(
+    ("config", "default", "cdi"),
+    [
+        ("", "nvidia", False),  # envvar: NVIDIA_VISIBLE_DEVICES works only through nvidia
+        ("devicePlugin:\n  deviceListStrategy: cdi-cri\n", "${RUNTIME}", True),
+        ("devicePlugin:\n  deviceListStrategy: [envvar, cdi-annotations]\n", "${RUNTIME}", True),
+        ("toolkit:\n  setAsDefault: false\n", "${RUNTIME}", False),
+        (
+            "devicePlugin:\n  deviceListStrategy: cdi-cri\ntoolkit:\n  setAsDefault: true\n",
+            "nvidia",
+            True,
+        ),
+    ],
+    ids=["envvar", "cdi", "mixed", "key-false", "key-true-with-cdi"],
+)
+def test_the_default_runtime_follows_the_strategy_unless_the_key_says(
+    node: Node, capsys: pytest.CaptureFixture[str], config: str, default: str, cdi: bool
+) -> None:
+    if not FIXTURE.exists():
+        unavailable(f"{FIXTURE} is not beside this checkout")
+    node.reboot()
+    node.dpkg("dpkg-550-server-signed", "dpkg")
+    node.configure(config)
+    rc, _, err = node.bootstrap(capsys)
+    assert rc == 0, err
+    assert default_runtime_of(node) == default
+    assert ("enable_cdi = true" in node.path(TEMPLATE).read_text()) is cdi
+    assert "nvidia" in node.path(TEMPLATE).read_text()
+
+
+def test_cdi_with_nvidia_already_the_default_fails_with_the_line_to_change(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.reboot()
+    node.dpkg("dpkg-550-server-signed", "dpkg")
+    assert node.bootstrap(capsys)[0] == 0  # envvar: nvidia became the default
+    node.configure("devicePlugin:\n  deviceListStrategy: cdi-cri\n")
+    before = node.path(TEMPLATE).read_text()
+    rc, d, _ = node.bootstrap(capsys)
+    assert rc == 1 and d["failed_step"] == "runtime"
+    assert "nvidia is containerd's default runtime" in d["steps"][-1]["detail"]
+    assert 'default_runtime_name back to "runc"' in d["fix"] and "setAsDefault" in d["fix"]
+    assert node.path(TEMPLATE).read_text() == before
+
+
+# --- kernels without prebuilt modules, Secure Boot ----------------------------------------------
+
+
+def dkms_node(node: Node) -> None:
+    shutil.copy(GOLDEN / "ubuntu-drivers-list-gpgpu-include-dkms.out", node.state / "list.out")
+    after = golden("dpkg-550-server-dkms.out")
+    (node.state / "after-ud.out").write_text(
+        "".join(x for x in after.splitlines(True) if "-utils-" not in x)
+    )
+    node.dpkg("dpkg-550-server-dkms", "after-apt")
+
+
+def test_a_kernel_without_prebuilt_modules_stops_at_the_driver_naming_the_key(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copy(GOLDEN / "ubuntu-drivers-list-gpgpu-needs-dkms.out", node.state / "list.out")
+    rc, d, _ = node.bootstrap(capsys)
+    assert rc == 1 and d["failed_step"] == "driver"
+    assert "no NVIDIA GPU" not in d["message"]
+    assert "requires DKMS modules" in d["message"]
+    assert "driver.includeDkms: true" in d["fix"]
+    assert node.mutating() == []
+
+
+def test_secure_boot_with_an_unenrolled_dkms_key_stops_armed_without_rebooting(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dkms_node(node)
+    node.secure_boot(True, "not-enrolled")
+    node.configure("driver:\n  branch: 550-server\n  includeDkms: true\n")
+    node.gpud_running()
+    rc, d, err = node.bootstrap(capsys)
+    assert rc == 1
+    assert d["phase"] == AWAITING_MOK and d["failed_step"] == "driver"
+    assert statuses(d) == {"driver": "mok-enrollment", "reboot": "mok-enrollment"}
+    assert "sudo mokutil --import /var/lib/shim-signed/mok/MOK.der" in d["fix"]
+    assert "MokManager" in d["fix"]
+    assert "gpud: bootstrap stopped at step driver" in err
+    assert ["systemctl", "reboot"] not in node.mutating()  # it would boot into a failure
+    assert node.mutating() == [
+        ["ubuntu-drivers", "install", "--gpgpu", "--include-dkms", "nvidia:550-server"],
+        ["apt-get", "install", "-y", *LOCK_OPTION, "nvidia-utils-550-server"],
+        ["systemctl", "enable", "gpud-bootstrap-resume.service"],
+    ]
+    assert node.path(RESUME_MARKER).exists()
+    assert node.state_file()["phase"] == AWAITING_MOK
+
+    # the unit in the same boot (or the operator, too early): refused, with the steps
+    rc, d, _ = node.bootstrap(capsys, "--resume")
+    assert rc == 1 and "MOK" in d["message"]
+
+    # the operator enrolled the key at the console during the reboot: the resume finishes,
+    # restarting the gpud that ran before the driver did
+    node.secure_boot(True, "enrolled")
+    node.reboot()
+    rc, d, err = node.bootstrap(capsys, "--resume")
+    assert rc == 0, err
+    assert d["phase"] == "done"
+    assert statuses(d)["driver"] == "already" and statuses(d)["service"] == "done"
+    assert ["systemctl", "restart", "gpud.service"] in node.mutating()
+    assert not node.path(RESUME_MARKER).exists()
+
+
+# --- gpud after the driver's reboot ------------------------------------------------------------
+
+
+def test_resume_restarts_a_gpud_that_ran_before_the_new_driver(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The package started gpud before bootstrap installed the driver: after the reboot, the
+    resume restarts it so that it opens NVML with the new driver."""
+    node.gpud_running()
+    assert node.bootstrap(capsys)[0] == 0
+    node.reboot()
+    rc, d, err = node.bootstrap(capsys, "--resume")
+    assert rc == 0, err
+    service = next(s for s in d["steps"] if s["name"] == "service")
+    assert (service["status"], service["detail"]) == (
+        "done",
+        "restarted gpud.service on the new driver",
+    )
+    assert ["systemctl", "restart", "gpud.service"] in node.mutating()
+    # once done, a later run does not restart it again
+    rc, d, _ = node.bootstrap(capsys)
+    assert rc == 0 and statuses(d)["service"] == "already"
+    assert ["systemctl", "restart", "gpud.service"] not in node.mutating()

@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 
 from gpud.cli.doctor import report_table
-from gpud.host.doctor import AREAS, DaemonView, GpuView, PluginView, Report, diagnose
+from gpud.host.doctor import (
+    AREAS,
+    BootstrapView,
+    DaemonView,
+    GpuView,
+    PluginView,
+    Report,
+    diagnose,
+)
 from gpud.host.driver import DriverFacts, DriverStatus, judge, parse_dpkg
 from gpud.host.platform import MICROK8S, Platform
 from gpud.host.toolkit_install import ToolkitStatus, judge_status
@@ -131,6 +139,54 @@ def test_unknown_is_not_a_failure() -> None:
     assert [(c.area, c.name) for c in unknown] == [("driver", "secure boot")]
     line = next(t for t in report_table(report).splitlines() if "secure boot" in t)
     assert line.startswith("?   driver")
+
+
+def bootstrap_line(view: BootstrapView | None) -> tuple[bool | None, str, str]:
+    report = diagnose(platform(), driver(), toolkit(), daemon(), None, bootstrap=view)
+    (line,) = [c for c in report.checks if c.area == "bootstrap"]
+    return line.ok, line.detail, line.fix
+
+
+def test_bootstrap_state_each_phase() -> None:
+    at = "2025-06-01T10:00:00Z"
+    assert bootstrap_line(None) == (True, "gpud bootstrap has not run on this node", "")
+    assert bootstrap_line(BootstrapView("done", time=at))[:2] == (True, f"done (at {at})")
+    ok, detail, _ = bootstrap_line(BootstrapView("running", "toolkit", at, 812, running=True))
+    assert (ok, detail) == (None, f"running step toolkit, pid 812 (at {at})")
+    ok, detail, fix = bootstrap_line(BootstrapView("running", "toolkit", at, 812, running=False))
+    assert ok is False
+    assert detail.startswith(f"stale: bootstrap.json says running step toolkit (at {at})")
+    assert "(pid 812) is gone" in detail and fix.startswith("sudo gpud bootstrap")
+    # a state file gpudctl could read but a lock it could not: unknown, not stale
+    assert bootstrap_line(BootstrapView("running", "toolkit", at, 812, running=None))[0] is None
+    failed = BootstrapView(
+        "failed",
+        "toolkit",
+        at,
+        812,
+        running=False,
+        failed_step="toolkit",
+        detail="'apt-get update' did not run: ...\nmore",
+        fix="wait for unattended-upgr (pid 9) to finish",
+        armed=True,
+    )
+    ok, detail, fix = bootstrap_line(failed)
+    assert (
+        ok is False
+        and detail == f"step toolkit failed (at {at}): 'apt-get update' did not run: ..."
+    )
+    assert fix == (
+        "wait for unattended-upgr (pid 9) to finish; then sudo gpud bootstrap; "
+        "gpud-bootstrap-resume.service tries again at the next boot"
+    )
+    mok = BootstrapView("awaiting-mok-enrollment", "reboot", at, fix="1. sudo mokutil --import x")
+    ok, detail, fix = bootstrap_line(mok)
+    assert ok is False and "DKMS's key is enrolled at the console" in detail
+    assert fix == "1. sudo mokutil --import x"
+    waiting = bootstrap_line(BootstrapView("awaiting-reboot", "reboot", at, rebooted=False))
+    assert waiting[0] is False and waiting[2].startswith("sudo systemctl reboot")
+    lost = bootstrap_line(BootstrapView("awaiting-reboot", "reboot", at, rebooted=True))
+    assert lost[0] is False and "systemctl status gpud-bootstrap-resume.service" in lost[2]
 
 
 def test_host_failures_each_give_their_line_and_fix() -> None:

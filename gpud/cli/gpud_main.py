@@ -119,7 +119,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
     from gpud.cli.hostinfo import host_root
     from gpud.config.load import ConfigError, load
     from gpud.config.models import default_config
-    from gpud.host.bootstrap import bootstrap, read_state
+    from gpud.host.bootstrap import AWAITING_MOK, Busy, bootstrap, read_state
     from gpud.host.platform import under
 
     if os.geteuid() != 0:
@@ -140,19 +140,27 @@ def _bootstrap(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr if as_json else sys.stdout, flush=True)
 
-    result = bootstrap(
-        root,
-        config,
-        resume=args.resume,
-        config_path=str(path) if path else None,
-        progress=progress,
-    )
+    try:
+        result = bootstrap(
+            root,
+            config,
+            resume=args.resume,
+            config_path=str(path) if path else None,
+            progress=progress,
+        )
+    except Busy as exc:
+        if as_json:
+            busy = {"ok": False, "phase": None, "message": str(exc), "busy_pid": exc.holder.pid}
+            print(json.dumps(busy, indent=2))
+        print(f"gpud: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
         print(result.message)
     if result.failed is not None:
-        print(f"gpud: bootstrap failed at step {result.failed.name}", file=sys.stderr)
+        verb = "stopped" if result.phase == AWAITING_MOK else "failed"
+        print(f"gpud: bootstrap {verb} at step {result.failed.name}", file=sys.stderr)
         if result.failed.fix:
             print(f"fix: {result.failed.fix}", file=sys.stderr)
         return EXIT_FAILED

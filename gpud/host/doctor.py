@@ -15,6 +15,7 @@ needs root or changes anything.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ from gpud.host.driver import DriverStatus
 from gpud.host.platform import NONE, Platform
 from gpud.host.toolkit_install import ToolkitStatus
 
-PLATFORM, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS = (
+PLATFORM, BOOTSTRAP, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS = (
     "platform",
+    "bootstrap",
     "driver",
     "toolkit",
     "cdi",
@@ -36,7 +38,7 @@ PLATFORM, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS = (
     "kubelet",
     "plugins",
 )
-AREAS = (PLATFORM, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS)
+AREAS = (PLATFORM, BOOTSTRAP, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS)
 
 START_GPUD = "sudo systemctl start gpud (without systemd: sudo gpud run)"
 _REMOVE_OTHER = "remove the other gpud first: the other gpud line above says how"
@@ -144,7 +146,98 @@ class DaemonView:
         )
 
 
+@dataclass(frozen=True)
+class BootstrapView:
+    """gpud bootstrap's state file as doctor needs it, and whether a bootstrap runs now."""
+
+    phase: str | None
+    """None when bootstrap never ran here (no state file)."""
+    step: str | None = None
+    time: str = ""
+    pid: int | None = None
+    running: bool | None = None
+    """A bootstrap holds the run lock now; None when that cannot be known."""
+    failed_step: str | None = None
+    detail: str = ""
+    fix: str = ""
+    armed: bool = False
+    """The resume unit's marker is there."""
+    rebooted: bool | None = None
+    """The node booted since the unit was armed."""
+
+
 # --- judgement (pure) ---------------------------------------------------------------------------
+
+
+def _bootstrap(b: BootstrapView | None) -> list[Check]:
+    """One line for the setup: done, waiting (for what), failed (why), or cut off."""
+    from gpud.host import bootstrap as bs
+
+    if b is None or b.phase is None:
+        return [Check(BOOTSTRAP, "state", True, "gpud bootstrap has not run on this node")]
+    when = f" (at {b.time})" if b.time else ""
+    resume = f"systemctl status {bs.RESUME_UNIT_NAME} (journalctl -u {bs.RESUME_UNIT_NAME} -b)"
+    if b.phase == bs.RUNNING:
+        if b.running is None:
+            return [Check(BOOTSTRAP, "state", None, f"running step {b.step}{when}, or cut off")]
+        if b.running:
+            return [Check(BOOTSTRAP, "state", None, f"running step {b.step}, pid {b.pid}{when}")]
+        return [
+            Check(
+                BOOTSTRAP,
+                "state",
+                False,
+                f"stale: bootstrap.json says running step {b.step}{when}, but its process "
+                f"(pid {b.pid}) is gone: it was cut off (killed, or the node went down)",
+                "sudo gpud bootstrap: every step checks first, so it goes on where this one "
+                "stopped",
+            )
+        ]
+    if b.phase == bs.PHASE_DONE:
+        return [Check(BOOTSTRAP, "state", True, f"done{when}")]
+    if b.phase == bs.AWAITING_REBOOT:
+        if b.rebooted:
+            return [
+                Check(
+                    BOOTSTRAP,
+                    "state",
+                    False,
+                    f"the node rebooted, but the resume after the reboot did not run{when}",
+                    f"{resume}; or sudo gpud bootstrap",
+                )
+            ]
+        return [
+            Check(
+                BOOTSTRAP,
+                "state",
+                False,
+                f"waiting for the reboot it asked for{when}",
+                f"sudo systemctl reboot; {bs.RESUME_UNIT_NAME} finishes the setup",
+            )
+        ]
+    if b.phase == bs.AWAITING_MOK:
+        return [
+            Check(
+                BOOTSTRAP,
+                "state",
+                False,
+                f"stopped at step driver{when}: Secure Boot loads the driver only after DKMS's "
+                "key is enrolled at the console",
+                b.fix or "sudo gpudctl driver status lists the steps",
+            )
+        ]
+    retry = f"; {bs.RESUME_UNIT_NAME} tries again at the next boot" if b.armed else ""
+    fix = f"{b.fix}; then sudo gpud bootstrap" if b.fix else "sudo gpud bootstrap"
+    detail = b.detail.splitlines()[0] if b.detail else ""
+    return [
+        Check(
+            BOOTSTRAP,
+            "state",
+            False,
+            f"step {b.failed_step or b.step} failed{when}: {detail}".rstrip(": "),
+            fix + retry,
+        )
+    ]
 
 
 def _platform(p: Platform, t: ToolkitStatus) -> list[Check]:
@@ -431,16 +524,19 @@ def diagnose(
     *,
     kubelet_sock: bool | None = None,
     conflicts: tuple[Conflict, ...] = (),
+    bootstrap: BootstrapView | None = None,
 ) -> Report:
     """The whole report from collected facts; pure, so every failure is testable by hand.
 
     ``daemon`` is None when gpud could not be asked (``daemon_error`` says why); then the GPU
     and plugin lines are unknown and the kubelet line rests on ``kubelet_sock`` (whether
     ``kubelet.sock`` exists in the detected device-plugin directory, None when unknown).
-    ``conflicts`` are the other gpuds :func:`gpud.host.conflicts.find_conflicts` found.
+    ``conflicts`` are the other gpuds :func:`gpud.host.conflicts.find_conflicts` found;
+    ``bootstrap`` is gpud bootstrap's recorded state (None: it never ran).
     """
     checks = [
         *_platform(platform, toolkit),
+        *_bootstrap(bootstrap),
         *_driver(driver),
         *_toolkit(toolkit),
         *_cdi(toolkit, daemon),
@@ -485,6 +581,39 @@ def _sock_present(p: Platform) -> bool | None:
         return None
 
 
+def bootstrap_view(root: Path) -> BootstrapView | None:
+    """gpud bootstrap's state file and run lock; None when it never ran here."""
+    from gpud.host import bootstrap as bs
+    from gpud.host.locks import holder_pid
+    from gpud.host.platform import under
+
+    state = bs.read_state(root)
+    if not state.get("phase"):
+        return None
+    lock = under(root, bs.LOCK_FILE)
+    running: bool | None = False
+    if lock.exists():
+        running = holder_pid(lock) is not None if os.access(lock, os.R_OK) else None
+    failed = state.get("failed_step")
+    step = state.get("steps", {}).get(failed, {}) if failed else {}
+    marker = bs.read_marker(root)
+    armed_boot = (marker or "").strip() or state.get("boot_id")
+    boot = bs.read_boot_id(root)
+    pid = state.get("pid")
+    return BootstrapView(
+        phase=state["phase"],
+        step=state.get("step"),
+        time=state.get("updated", ""),
+        pid=pid if isinstance(pid, int) else None,
+        running=running,
+        failed_step=failed,
+        detail=str(step.get("detail", "")),
+        fix=str(step.get("fix", "")),
+        armed=marker is not None,
+        rebooted=(armed_boot != boot) if armed_boot and boot else None,
+    )
+
+
 def collect(
     root: Path = Path("/"), socket: str = "/run/gpud/gpud.sock", run: CommandRunner = run_command
 ) -> Report:
@@ -504,4 +633,5 @@ def collect(
         error,
         kubelet_sock=_sock_present(platform),
         conflicts=find_conflicts(root),
+        bootstrap=bootstrap_view(root),
     )
