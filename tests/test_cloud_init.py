@@ -8,6 +8,7 @@ written before gpud is installed, ``gpud bootstrap`` last, no reboot of cloud-in
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,7 @@ import yaml
 from gpud.config.load import parse
 from gpud.mig import layout
 from tests.conftest import unavailable
+from tests.support.locks import HOLDER_NAME, LockHolder, real_apt_get
 
 CLOUD_INIT_DIR = Path(__file__).resolve().parent.parent / "packaging" / "cloud-init"
 APT, DEB = "gpud-node.yaml", "gpud-node-deb.yaml"
@@ -145,3 +147,40 @@ def test_deb_route_keeps_the_config_and_stops_at_a_failed_download() -> None:
     assert lines.index(f"cd {deb.parent}") < lines.index(install)
     checksum = next(i for i, line in enumerate(lines) if "sha256sum -c" in line)
     assert str(deb) in lines[checksum] and checksum < lines.index(install)
+
+
+def test_deb_route_waits_for_the_dpkg_lock_with_apt_s_own_option(tmp_path: Path) -> None:
+    """unattended-upgrades holds dpkg's lock on a first boot: the install line must wait, not
+    fail. Its own -o options, given to the real apt-get against a held lock, make apt wait."""
+    install = next(line for line in runcmd(user_data(DEB)) if "apt-get install" in line)
+    words = shlex.split(install)
+    options = [f"-o {shlex.quote(words[i + 1])}" for i, w in enumerate(words) if w == "-o"]
+    assert any(o.startswith("-o DPkg::Lock::Timeout=") for o in options)
+    root = tmp_path / "root"
+    apt = f"{real_apt_get(root)} {' '.join(options)} check"
+    with LockHolder(root / "var/lib/dpkg/lock-frontend", 1.5, scratch=tmp_path) as holder:
+        waited = subprocess.run(
+            ["/bin/sh", "-c", apt], capture_output=True, text=True, timeout=120, check=False
+        )
+    assert waited.returncode == 0, waited.stderr
+    assert f"It is held by process {holder.pid} ({HOLDER_NAME})" in waited.stdout + waited.stderr
+    # the premise: without the option the same apt-get gives up at once
+    with LockHolder(root / "var/lib/dpkg/lock-frontend", scratch=tmp_path):
+        bare = subprocess.run(
+            ["/bin/sh", "-c", f"{real_apt_get(root)} check"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert bare.returncode != 0 and "E: Could not get lock" in bare.stderr
+
+
+@pytest.mark.parametrize("name", [APT, DEB])
+def test_the_commented_lock_timeout_works_once_uncommented(name: str) -> None:
+    content = gpud_yaml_entry(user_data(name))["content"]
+    lines = content.splitlines()
+    at = lines.index("# apt:")
+    lines[at : at + 2] = [line.removeprefix("# ") for line in lines[at : at + 2]]
+    config = parse("\n".join(lines) + "\n", f"{name}: {GPUD_YAML}")
+    assert config.apt.lock_timeout > parse(content, name).apt.lock_timeout
