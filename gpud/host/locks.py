@@ -14,6 +14,7 @@ The same probe names the holder of gpud bootstrap's own run lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -37,7 +38,8 @@ APT_LOCKS = (
     "/var/cache/apt/archives/lock",
 )
 DEFAULT_TIMEOUT = 600
-"""Seconds: unattended-upgrades' first run on a new cloud image usually ends well within it."""
+"""Seconds each command waits: bounded, so that a stuck apt fails the setup naming itself instead
+of hanging it (``apt.lockTimeout``, ``--lock-timeout`` change it)."""
 POLL_INTERVAL = 0.5
 REPORT_EVERY = 30.0
 LOCKED = 75
@@ -70,21 +72,6 @@ class Holder:
         if not self.pid:
             return "a process gpud cannot name"
         return f"{self.command or 'an exited process'} (pid {self.pid})"
-
-
-@dataclass(frozen=True)
-class Wait:
-    waited: float
-    holder: Holder | None
-    """Still holding a lock when the time ran out; None when every lock was free."""
-
-    @property
-    def timed_out(self) -> bool:
-        return self.holder is not None
-
-    def message(self, timeout: float) -> str:
-        assert self.holder is not None
-        return f"{self.holder.path} is still held by {self.holder} after {timeout:g} s"
 
 
 def holder_pid(path: Path) -> int | None:
@@ -142,8 +129,9 @@ def wait_for_apt_locks(
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> Wait:
-    """Return once none of the locks is held, or when ``timeout`` seconds have passed.
+) -> Holder | None:
+    """Return None once none of the locks is held, or the holder when ``timeout`` seconds have
+    passed.
 
     Polling (every half second) is what a lock held by another process allows: waiting on the
     lock itself would take it. ``progress`` hears who holds it when the wait starts, when the
@@ -155,10 +143,8 @@ def wait_for_apt_locks(
     while True:
         holder = apt_lock_holder(root)
         now = clock()
-        if holder is None:
-            return Wait(now - start, None)
-        if now - start >= timeout:
-            return Wait(now - start, holder)
+        if holder is None or now - start >= timeout:
+            return holder
         if reported is None or (holder.path, holder.pid) != (reported.path, reported.pid):
             progress(f"waiting for {holder.path}, held by {holder} (up to {timeout:g} s)")
             reported, last_report = holder, now
@@ -205,10 +191,10 @@ def run_when_unlocked(
     """
     deadline = clock() + lock_timeout
     for attempt in range(RACE_RETRIES + 1):
-        wait = wait_for_apt_locks(root, max(deadline - clock(), 0.0), progress, clock=clock)
-        if wait.timed_out:
-            why = wait.message(lock_timeout)
-            return subprocess.CompletedProcess(list(argv), LOCKED, "", f"{why}\n"), wait.holder
+        held = wait_for_apt_locks(root, max(deadline - clock(), 0.0), progress, clock=clock)
+        if held is not None:
+            why = f"{held.path} is still held by {held} after {lock_timeout:g} s"
+            return subprocess.CompletedProcess(list(argv), LOCKED, "", f"{why}\n"), held
         result = run(list(argv), timeout + lock_timeout)
         output = f"{result.stdout}\n{result.stderr}"
         if not lock_failure(output):
@@ -245,14 +231,18 @@ def exclusive(path: Path) -> Iterator[Holder | None]:
     has it (the block then runs without the lock: the caller decides what to do).
 
     The pid is written into the file for people reading it; the lock itself is the truth, so a
-    file left behind by a killed process never blocks anyone.
+    file left behind by a killed process never blocks anyone. It is a POSIX record lock, so that
+    another process's F_GETLK names this one's pid; POSIX drops such a lock when the process
+    closes any descriptor of the file, so nothing else in it may open the file meanwhile.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
             pid = holder_pid(path) or 0
             yield Holder(str(path), pid, process_name(pid))
             return
