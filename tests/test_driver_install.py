@@ -486,6 +486,21 @@ def test_kernel_without_prebuilt_modules_says_so_and_offers_include_dkms(
     assert node.mutating_calls() == []
 
 
+def test_an_empty_list_that_only_dkms_fills_is_said_too(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Newer ubuntu-drivers leave out, without a word, the drivers whose modules only DKMS
+    provides for this kernel: gpud asks again with --include-dkms before saying "no GPU"."""
+    dkms_install_fakes(node)
+    node.listing("ubuntu-drivers-list-gpgpu-no-gpu.out")
+    rc, d, _ = install(capsys)
+    assert rc == 1 and d["result"] == "refused"
+    assert d["message"].startswith("Canonical ships no prebuilt NVIDIA modules")
+    assert "with --include-dkms it lists nvidia-driver-570-server, " in d["message"]
+    assert ["ubuntu-drivers", "list", "--gpgpu", "--include-dkms"] in node.tools.calls()
+    assert node.mutating_calls() == []
+
+
 def test_include_dkms_lists_and_installs_with_it(
     node: Node, capsys: pytest.CaptureFixture[str]
 ) -> None:

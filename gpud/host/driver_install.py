@@ -337,8 +337,8 @@ def plan_install(
     lock_timeout: float = DEFAULT_TIMEOUT,
 ) -> InstallPlan:
     """What ``driver install`` should do; ``candidates`` None when ubuntu-drivers is missing,
-    ``needs_dkms`` ubuntu-drivers' sentence when it listed nothing because the running kernel
-    has no prebuilt modules.
+    ``needs_dkms`` what shows that it listed nothing because the running kernel has no prebuilt
+    modules (:func:`dkms_evidence`).
 
     Order matters: a broken dpkg first (nothing can be installed), then a driver already in
     place (never touched: nothing to do when it is the wanted one, refused when it is not), and
@@ -423,7 +423,7 @@ def plan_install(
             "refuse",
             f"Canonical ships no prebuilt NVIDIA modules for the running kernel {kernel}, so "
             f"ubuntu-drivers offers only modules built here by DKMS and lists nothing without "
-            f"--include-dkms; it said: {needs_dkms}",
+            f"--include-dkms ({needs_dkms})",
             fix="build them with DKMS: sudo gpudctl driver install --include-dkms (gpud "
             "bootstrap: driver.includeDkms: true in /etc/gpud/gpud.yaml); or boot an Ubuntu "
             "kernel with prebuilt modules (e.g. linux-generic) and run this again." + secure,
@@ -488,6 +488,17 @@ def after_install_reboot(status: DriverStatus) -> tuple[str, ...]:
 # --- effects ----------------------------------------------------------------------------------
 
 
+def dkms_evidence(listing: Listing | None, with_dkms: Listing | None) -> str | None:
+    """Why an empty listing means "this kernel needs DKMS": ubuntu-drivers' own sentence, or
+    the drivers it lists once asked with ``--include-dkms``; None when nothing says so."""
+    if listing is not None and listing.needs_dkms:
+        return f'ubuntu-drivers says "{listing.needs_dkms}"'
+    if with_dkms is not None and with_dkms.candidates:
+        names = ", ".join(c.package for c in with_dkms.candidates)
+        return f"with --include-dkms it lists {names}"
+    return None
+
+
 def list_candidates(run: CommandRunner, include_dkms: bool = False) -> tuple[Listing | None, str]:
     """What ubuntu-drivers lists (None when it is missing) and its stderr, for messages."""
     result = run([*LIST_ARGV, *((INCLUDE_DKMS,) if include_dkms else ())], 120.0)
@@ -534,11 +545,16 @@ def install_driver(
         wanted = parse_wanted(pinned)
     before = driver_status(root, run)
     listing, list_err = list_candidates(run, include_dkms)
+    with_dkms = None
+    if listing is not None and not listing.candidates and not include_dkms:
+        # Without the sentence, an empty list can still mean "DKMS only": newer ubuntu-drivers
+        # silently leave out the drivers whose modules only DKMS provides. Asking again says.
+        with_dkms, _ = list_candidates(run, include_dkms=True)
     plan = plan_install(
         before,
         wanted,
         listing.candidates if listing is not None else None,
-        needs_dkms=listing.needs_dkms if listing is not None else None,
+        needs_dkms=dkms_evidence(listing, with_dkms),
         include_dkms=include_dkms,
         lock_timeout=lock_timeout,
     )
