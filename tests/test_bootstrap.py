@@ -90,7 +90,7 @@ class Node:
         self.config = write(tmp, "/gpud.yaml", "version: v1\nmig:\n  layout: all-1g.10gb\n")
         self.tmp = tmp
         self.tools = FakeTools(tmp / "tools")
-        self._fakes()
+        self.fake_tools()
         self.dpkg("dpkg-none", "dpkg")
         self.dpkg("dpkg-550-server-no-utils", "after-ud")
         self.dpkg("dpkg-550-server-signed", "after-apt")
@@ -99,7 +99,7 @@ class Node:
         monkeypatch.setenv("GPUD_ROOT", str(self.root))
         monkeypatch.setattr(os, "geteuid", lambda: 0)
 
-    def _fakes(self, real_locks: bool = False, ud_seconds: float = 0) -> None:
+    def fake_tools(self, real_locks: bool = False, ud_seconds: float = 0) -> None:
         """``real_locks``: apt-get first takes dpkg's locks with the real apt-get, with gpud's
         options (apt's own wait); ``ud_seconds``: ubuntu-drivers install takes that long."""
         s = shlex.quote(str(self.state))
@@ -188,6 +188,7 @@ class Node:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its own process group, which a test may kill whole
         )  # fmt: skip
 
     def wait_for_step(self, step: str, timeout: float = 60.0) -> dict:
@@ -469,7 +470,7 @@ def test_gpud_running_before_the_driver_is_restarted_on_it(node: Node) -> None:
 def test_first_boot_waits_for_the_dpkg_lock_and_names_its_holder(
     node: Node, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    node._fakes(real_locks=True)
+    node.fake_tools(real_locks=True)
     with LockHolder(node.path("/var/lib/dpkg/lock-frontend"), 2.0, scratch=node.tmp) as holder:
         rc, d, err = node.bootstrap(capsys)
     assert rc == 0, err
@@ -583,7 +584,7 @@ def test_a_failure_that_cannot_pass_by_itself_is_not_retried_in_the_same_boot(
 def test_a_second_bootstrap_at_once_does_nothing_and_names_the_first(node: Node) -> None:
     """Two runs at once (the operator's beside cloud-init's): one installs and reboots, the
     other stops at the lock; neither ubuntu-drivers nor the reboot run twice."""
-    node._fakes(ud_seconds=2)
+    node.fake_tools(ud_seconds=2)
     first = node.process()
     try:
         node.wait_for_step("driver")
@@ -605,7 +606,7 @@ def test_a_second_bootstrap_at_once_does_nothing_and_names_the_first(node: Node)
 def test_doctor_reports_a_running_bootstrap_then_a_stale_one(node: Node) -> None:
     """Killed in the middle of a step (the node lost power, an operator's ^C): the state says
     running, but nothing holds the lock; doctor says so, with what to run."""
-    node._fakes(ud_seconds=30)
+    node.fake_tools(ud_seconds=30)
     run = node.process()
     try:
         node.wait_for_step("driver")
@@ -613,7 +614,7 @@ def test_doctor_reports_a_running_bootstrap_then_a_stale_one(node: Node) -> None
         assert running["ok"] is None
         assert f"running step driver, pid {run.pid}" in running["detail"]
     finally:
-        run.send_signal(signal.SIGKILL)
+        os.killpg(run.pid, signal.SIGKILL)  # bootstrap and the tool it runs, as a power loss
         run.communicate(timeout=60)
     stale = doctor_bootstrap_line(node)
     assert stale["ok"] is False
