@@ -176,19 +176,20 @@ def _bootstrap(b: BootstrapView | None) -> list[Check]:
     if b is None or b.phase is None:
         return [Check(BOOTSTRAP, "state", True, "gpud bootstrap has not run on this node")]
     when = f" (at {b.time})" if b.time else ""
+    pid = f"pid {b.pid}" if b.pid else "pid not recorded"
     resume = f"systemctl status {bs.RESUME_UNIT_NAME} (journalctl -u {bs.RESUME_UNIT_NAME} -b)"
     if b.phase == bs.RUNNING:
         if b.running is None:
             return [Check(BOOTSTRAP, "state", None, f"running step {b.step}{when}, or cut off")]
         if b.running:
-            return [Check(BOOTSTRAP, "state", None, f"running step {b.step}, pid {b.pid}{when}")]
+            return [Check(BOOTSTRAP, "state", None, f"running step {b.step}, {pid}{when}")]
         return [
             Check(
                 BOOTSTRAP,
                 "state",
                 False,
                 f"stale: bootstrap.json says running step {b.step}{when}, but its process "
-                f"(pid {b.pid}) is gone: it was cut off (killed, or the node went down)",
+                f"({pid}) is gone: it was cut off (killed, or the node went down)",
                 "sudo gpud bootstrap: every step checks first, so it goes on where this one "
                 "stopped",
             )
