@@ -378,7 +378,8 @@ class FakeNvml:
 
     ``install()`` / ``uninstall()`` (or the ``fake_nvml`` fixture) swap it into pynvml. With
     ``init_error=Ret.LIBRARY_NOT_FOUND`` nothing is installed and pynvml's own loader is made to
-    fail the way it does on a host without the driver.
+    fail the way it does on a host without the driver; :meth:`load_driver` is the driver arriving
+    later, and :meth:`fail_init` a driver still settling when it is first used.
     """
 
     def __init__(
@@ -408,6 +409,7 @@ class FakeNvml:
         self.calls: Counter[str] = Counter()
         self.internal_errors: list[BaseException] = []
         self.init_count = 0
+        self._init_failures: list[int] = []
         self.sets: dict[int, dict[int, int]] = {}  # set handle -> {device handle: event mask}
         self.freed_sets: list[int] = []
         self.waiting = threading.Event()  # set while some thread is inside nvmlEventSetWait_v2
@@ -486,6 +488,26 @@ class FakeNvml:
         gpu = self.gpus[index]
         with self._lock:
             gpu.processes = [p for p in gpu.processes if p.pid != pid]
+
+    def fail_init(self, *codes: int) -> None:
+        """The next ``len(codes)`` ``nvmlInit`` calls answer these codes, in order, whatever
+        ``init_error`` says."""
+        with self._lock:
+            self._init_failures.extend(codes)
+
+    def load_driver(self) -> None:
+        """The driver package is installed and its module loaded: ``nvmlInit`` works, and where
+        the library was missing pynvml's own loader now finds it (``CDLL`` answers this fake)."""
+        with self._lock:
+            missing = self.init_error == Ret.LIBRARY_NOT_FOUND
+            self.init_error = Ret.SUCCESS
+        if missing:
+            pynvml.CDLL = self._load_library
+
+    def _load_library(self, name: str, *args: Any, **kwargs: Any) -> object:
+        if name != "libnvidia-ml.so.1":
+            return _missing_library(name)
+        return self.lib
 
     def install(self) -> None:
         self._saved = {
@@ -672,6 +694,8 @@ class FakeNvml:
     # ---- init / system -------------------------------------------------------------------------
 
     def _nvmlInitWithFlags(self, flags: int) -> int:
+        if self._init_failures:
+            return self._init_failures.pop(0)
         if self.init_error:
             return self.init_error
         self.init_count += 1

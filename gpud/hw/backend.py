@@ -9,6 +9,8 @@ blocks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from gpud.hw.types import (
@@ -27,6 +29,24 @@ from gpud.hw.types import (
 EventSink = Callable[[HwEvent], None]
 
 
+@dataclass(frozen=True)
+class DriverSignals:
+    """How a backend's driver makes itself known once it loads, for a daemon started before it.
+
+    The kernel announces the module with uevents (``add`` of ``/module/<module>``, its PCI driver,
+    each bound GPU); the control node ``<dev_dir>/<control_node>`` appears when udev's rules or
+    ``nvidia-modprobe`` create it. Watching both costs nothing while nothing happens.
+    """
+
+    module: str
+    dev_dir: Path
+    control_node: str
+
+    @property
+    def control_path(self) -> Path:
+        return self.dev_dir / self.control_node
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A source of GPU facts and events.
@@ -36,8 +56,11 @@ class Backend(Protocol):
     """
 
     name: str
+    driver: DriverSignals
 
-    def open(self) -> None: ...
+    def open(self) -> None:
+        """Start using the driver; may be called again after it raised (the driver came later)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -47,3 +47,27 @@ class BackendUnavailable(HwError):
     gpud keeps running and reports the reason instead of crashing: a node without a driver yet is
     the normal state before ``gpud bootstrap``.
     """
+
+
+UNAVAILABLE_ADVICE: dict[ErrorKind, str] = {
+    ErrorKind.LIBRARY_NOT_FOUND: (
+        "no NVIDIA driver: libnvidia-ml.so.1 not found; install the driver "
+        "(sudo gpudctl driver install) or run with --simulate"
+    ),
+    ErrorKind.DRIVER_NOT_LOADED: (
+        "NVIDIA driver not loaded: libnvidia-ml.so.1 is installed but the nvidia kernel module is "
+        "not running; load it (modprobe nvidia) or reboot after installing the driver, and read "
+        "`dmesg | grep -i nvrm` if that fails"
+    ),
+    ErrorKind.NO_PERMISSION: (
+        "no permission to use the NVIDIA driver (/dev/nvidiactl could not be opened); "
+        "run gpud as root"
+    ),
+    ErrorKind.LIB_RM_VERSION_MISMATCH: (
+        "NVIDIA driver version mismatch: libnvidia-ml.so.1 and the loaded kernel module come from "
+        "different driver versions (usually a driver upgrade without a reboot); reboot the node"
+    ),
+}
+"""The init failures that mean "this node cannot use NVML at all", with what the operator should
+do. Both backends answer with these words, so a simulated node without a driver reads like a
+real one."""

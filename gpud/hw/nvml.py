@@ -22,12 +22,13 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pynvml
 
-from gpud.hw.backend import EventSink
-from gpud.hw.errors import BackendUnavailable, ErrorKind, HwError
+from gpud.hw.backend import DriverSignals, EventSink
+from gpud.hw.errors import UNAVAILABLE_ADVICE, BackendUnavailable, ErrorKind, HwError
 from gpud.hw.types import (
     MIG_UNSUPPORTED,
     CiProfile,
@@ -53,26 +54,8 @@ T = TypeVar("T")
 
 _MIB = 1024 * 1024
 
-# The init failures that mean "this node cannot use NVML at all", with what the operator should do.
-_UNAVAILABLE: dict[int, str] = {
-    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: (
-        "no NVIDIA driver: libnvidia-ml.so.1 not found; install the driver "
-        "(sudo gpudctl driver install) or run with --simulate"
-    ),
-    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: (
-        "NVIDIA driver not loaded: libnvidia-ml.so.1 is installed but the nvidia kernel module is "
-        "not running; load it (modprobe nvidia) or reboot after installing the driver, and read "
-        "`dmesg | grep -i nvrm` if that fails"
-    ),
-    pynvml.NVML_ERROR_NO_PERMISSION: (
-        "no permission to use the NVIDIA driver (/dev/nvidiactl could not be opened); "
-        "run gpud as root"
-    ),
-    pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH: (
-        "NVIDIA driver version mismatch: libnvidia-ml.so.1 and the loaded kernel module come from "
-        "different driver versions (usually a driver upgrade without a reboot); reboot the node"
-    ),
-}
+NVIDIA_DRIVER = DriverSignals(module="nvidia", dev_dir=Path("/dev"), control_node="nvidiactl")
+"""nvidia.ko's ``/dev/nvidiactl`` (char major 195) is the node every NVML client opens first."""
 
 # Return codes that mean "this board or driver does not have that": an empty answer, not a failure.
 _ABSENT = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND})
@@ -464,7 +447,9 @@ class NvmlBackend:
     ``event_wait_ms`` bounds each ``nvmlEventSetWait`` so ``close()`` can stop the event thread
     within that time (NVML cannot interrupt a wait); it is also the idle wake-up interval.
     ``command_runner`` runs ``nvidia-smi -r`` for :meth:`reset_gpu` (the only command this backend
-    runs), within ``reset_timeout_s``.
+    runs), within ``reset_timeout_s``. ``driver`` is where the daemon looks for the driver to
+    appear when :meth:`open` found none; :meth:`open` may simply be called again then, because
+    pynvml retries loading the library and NVML may be initialised again after a failed init.
     """
 
     name = "nvml"
@@ -476,7 +461,9 @@ class NvmlBackend:
         retry_s: float = 1.0,
         command_runner: CommandRunner = run_command,
         reset_timeout_s: float = 120.0,
+        driver: DriverSignals = NVIDIA_DRIVER,
     ) -> None:
+        self.driver = driver
         self._event_wait_ms = event_wait_ms
         self._retry_s = retry_s
         self._run = command_runner
@@ -501,9 +488,10 @@ class NvmlBackend:
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as err:
-            message = _UNAVAILABLE.get(err.value)
+            kind = _kind_of(err.value)
+            message = UNAVAILABLE_ADVICE.get(kind)
             if message is not None:
-                raise BackendUnavailable(ErrorKind(err.value), message) from err
+                raise BackendUnavailable(kind, message) from err
             raise to_hw_error(err, "initialise NVML") from err
         self._open = True
 

@@ -1,6 +1,8 @@
 """The ``sim`` backend: a catalog machine plus its remembered state, behind the Backend protocol.
 
-It answers like NVML does: calls before ``open`` or after ``close`` fail UNINITIALIZED, a lost GPU
+It answers like NVML does: ``open`` fails as ``nvmlInit`` does while the simulated driver is not
+loaded or not installed (:mod:`.driver`), calls before ``open`` or after ``close`` fail
+UNINITIALIZED, a lost GPU
 refuses further XIDs and every MIG call with GPU_IS_LOST, and a lost GPU stays lost across a
 daemon restart until :meth:`SimBackend.reset_gpu` (a real one until a reset or reboot).
 
@@ -24,8 +26,8 @@ from typing import TypeVar
 
 from gpud.atomic import write_atomic
 from gpud.hw.backend import EventSink
-from gpud.hw.errors import BackendUnavailable, ErrorKind, HwError
-from gpud.hw.sim import mig, state
+from gpud.hw.errors import UNAVAILABLE_ADVICE, BackendUnavailable, ErrorKind, HwError
+from gpud.hw.sim import driver, mig, state
 from gpud.hw.sim.machines import (
     CUDA_VERSION,
     DRIVER_VERSION,
@@ -118,7 +120,9 @@ class SimBackend:
 
     def __init__(self, spec: str, state_dir: Path) -> None:
         self.machine = parse_spec(spec)
+        self.state_dir = state_dir
         self.state_path = state.state_file(state_dir, self.machine.spec)
+        self.driver = driver.signals(state_dir)
         self._lock = threading.RLock()
         self._state: SimState | None = None
         self._sink: EventSink | None = None
@@ -131,12 +135,31 @@ class SimBackend:
     def open(self) -> None:
         """Load the machine's state, creating it (new UUIDs) only when there is no state file.
 
-        A state file that cannot be read raises BackendUnavailable naming it: replacing it would
-        give every GPU a new UUID behind kubelet's back, so moving it away is the operator's call.
+        Like ``nvmlInit``, fails with DRIVER_NOT_LOADED or LIBRARY_NOT_FOUND (and NVML's advice)
+        while the simulated driver is not there, and works when called again once it is. A state
+        file that cannot be read raises BackendUnavailable naming it: replacing it would give
+        every GPU a new UUID behind kubelet's back, so moving it away is the operator's call.
         """
         with self._lock:
             if self._state is None:
+                self._require_driver()
                 self._state = self._load()
+
+    def _require_driver(self) -> None:
+        try:
+            found = driver.read_driver(self.state_dir)
+        except ValueError as error:
+            raise BackendUnavailable(ErrorKind.INVALID_ARGUMENT, str(error)) from error
+        except OSError as error:
+            raise BackendUnavailable(
+                _os_error_kind(error), f"cannot read the simulated driver's state: {error}"
+            ) from error
+        kind = {
+            driver.DriverState.NOT_LOADED: ErrorKind.DRIVER_NOT_LOADED,
+            driver.DriverState.NOT_INSTALLED: ErrorKind.LIBRARY_NOT_FOUND,
+        }.get(found)
+        if kind is not None:
+            raise BackendUnavailable(kind, UNAVAILABLE_ADVICE[kind])
 
     def close(self) -> None:
         with self._lock:
@@ -437,8 +460,11 @@ def _mig_on(family: Family | None, gpu: GpuState) -> Family:
 
 
 def _on_file(state_dir: Path, spec: str, action: Callable[[SimBackend], None]) -> None:
+    """Run ``action`` on the machine's state file whether or not its driver is loaded: these
+    stage a node for a test, they are not a gpud using the GPUs."""
     backend = SimBackend(spec, state_dir)
-    backend.open()
+    with backend._lock:
+        backend._state = backend._load()
     try:
         action(backend)
     finally:
