@@ -1,10 +1,10 @@
 """The daemon: one event loop, one reconcile loop, every effect on the node routed through it.
 
-Triggers (start-up, a hardware event, ``set-healthy``, a config reload, kubelet restarting) only
-change the desired state and ask for a pass; :meth:`Daemon._reconcile_once` then derives the
-resource sets from that state and makes the plugins match. Hardware events arrive on NVML's
-thread and are handed to the loop with ``call_soon_threadsafe``, so state is only ever touched
-from the loop's thread.
+Triggers (start-up, a hardware event, ``set-healthy``, a config reload, kubelet restarting, the
+GPU driver arriving after gpud started) only change the desired state and ask for a pass;
+:meth:`Daemon._reconcile_once` then derives the resource sets from that state and makes the
+plugins match. Hardware events arrive on NVML's thread and are handed to the loop with
+``call_soon_threadsafe``, so state is only ever touched from the loop's thread.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gpud import __version__
 from gpud.config.load import ConfigError
+from gpud.config.models import DeviceListStrategy
 from gpud.daemon.gateway import Gateway
 from gpud.daemon.mig import MigController, Node, Refused, read_selection
 from gpud.daemon.notify import Notifier
@@ -27,6 +28,7 @@ from gpud.deviceplugin.manager import PluginManager
 from gpud.deviceplugin.servicer import Snapshot
 from gpud.deviceplugin.watcher import KubeletDirWatcher
 from gpud.health import XidPolicy, initial_reasons, unhealthy_reason
+from gpud.host import cdi
 from gpud.hw.backend import Backend, MigBackend
 from gpud.hw.errors import BackendUnavailable, HwError
 from gpud.hw.types import NO_INSTANCE, EventKind, GpuInfo, HwEvent, SystemInfo
@@ -39,10 +41,18 @@ from gpud.resources.topology import Topology
 log = logging.getLogger(__name__)
 
 
+_CDI_STRATEGIES = frozenset({DeviceListStrategy.CDI_ANNOTATIONS, DeviceListStrategy.CDI_CRI})
+
+
 class Daemon:
-    def __init__(self, settings: Settings, backend: Backend) -> None:
+    """``cdi_spec`` is where the NVIDIA CDI spec is (re)generated."""
+
+    def __init__(
+        self, settings: Settings, backend: Backend, *, cdi_spec: Path = cdi.DEFAULT_OUTPUT
+    ) -> None:
         self.settings = settings
         self.backend = backend
+        self.cdi_spec = cdi_spec
         self.started = time.monotonic()
         self.system = SystemInfo(backend=backend.name)
         self.backend_error = ""
@@ -62,6 +72,11 @@ class Daemon:
         self.resource_error = ""
         self._warned: tuple[str, ...] = ()
         self._caps = caps_reader()
+        # Set while the backend has no driver: the task that opens it when the driver arrives.
+        self._driver_wait: asyncio.Task[None] | None = None
+        self._opening = asyncio.Lock()
+        # The CDI spec was generated for the GPUs as they are since the backend opened.
+        self._cdi_current = False
         self.mig: MigController | None = None
         if isinstance(backend, MigBackend):
             node = Node(
@@ -90,7 +105,7 @@ class Daemon:
             self.settings.config.paths.socket, self.settings.config.paths.socket_group
         )
         api_server = await serve_api(self, gateway)
-        self._open_backend()
+        await self._open_backend()
 
         watcher = KubeletDirWatcher(
             self.settings.kubelet_dir, self._kubelet_started, self.manager.socket_removed
@@ -99,15 +114,20 @@ class Daemon:
         for warning in self.settings.warnings:
             log.warning("%s", warning)
         await self._recover_mig()
+        await self._ensure_cdi_spec()
         await watcher.armed.wait()
         await self.reconcile()
         self.notifier.ready(self._status_line())
         self.notifier.start_watchdog(loop)
         log.info("gpud %s ready: %s", __version__, self._status_line())
+        if self.backend_error:
+            self._await_driver()
 
         await self._stop.wait()
         log.info("stopping: withdrawing plugins and removing sockets")
         self.notifier.stopping()
+        if self._driver_wait is not None:
+            tasks.append(self._driver_wait)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -117,23 +137,96 @@ class Daemon:
         self.backend.close()
         return 0
 
-    def _open_backend(self) -> None:
-        try:
+    async def _open_backend(self, *, quiet: bool = False) -> str:
+        """Open the backend and read the GPUs, all or nothing; why it failed, "" when it worked.
+
+        Runs in a thread: a first ``nvmlInit`` on boards without persistence mode takes seconds,
+        and the control API must keep answering meanwhile. A failure after the open closes the
+        backend again, so the next try starts clean (and NVML's init count stays balanced).
+        """
+
+        def open_and_read() -> tuple[SystemInfo, tuple[GpuInfo, ...]]:
             self.backend.open()
-            self.system = self.backend.system()
-            gpus = tuple(self.backend.gpus())
-            self.backend.start_events(self._event_from_any_thread)
+            try:
+                system = self.backend.system()
+                gpus = tuple(self.backend.gpus())
+                self.backend.start_events(self._event_from_any_thread)
+            except BaseException:
+                self.backend.close()
+                raise
+            return system, gpus
+
+        gpus: tuple[GpuInfo, ...] = ()
+        try:
+            self.system, gpus = await asyncio.to_thread(open_and_read)
         except BackendUnavailable as exc:
             self.backend_error = f"no driver: {exc}"
-            log.error("%s; advertising no GPUs until it is fixed", self.backend_error)
-            gpus = ()
+            if not quiet:
+                log.error("%s; advertising no GPUs until it is fixed", self.backend_error)
         except HwError as exc:
             self.backend_error = str(exc)
-            log.error("cannot read the GPUs: %s", exc)
-            gpus = ()
+            if not quiet:
+                log.error("cannot read the GPUs: %s", exc)
         else:
             self.backend_error = ""
+            self._cdi_current = False
+        if quiet and self.backend_error:
+            log.debug("backend not usable yet: %s", self.backend_error)
         self._set_inventory(gpus)
+        return self.backend_error
+
+    def _await_driver(self) -> None:
+        """Open the backend when its driver arrives, without polling (see driverwatch)."""
+        from gpud.daemon.driverwatch import DriverWatch, wait_for_driver
+
+        watch = DriverWatch(self.backend.driver)
+
+        async def wait() -> None:
+            watching = asyncio.create_task(watch.run())
+            try:
+                await wait_for_driver(watch, self._driver_arrived, self._refresh_device_policy)
+            finally:
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
+                self._driver_wait = None
+
+        self._driver_wait = asyncio.create_task(wait())
+
+    async def _driver_arrived(self, why: str, *, quiet: bool = True) -> str:
+        """Try the backend again; once it opens, do what a start does after its open: restore the
+        MIG layout, generate the CDI spec, then advertise. Why not, "" once it worked."""
+        async with self._opening:
+            if not self.backend_error:
+                return ""
+            before = self.backend_error
+            if await self._open_backend(quiet=quiet):
+                if self.backend_error != before:
+                    self.notifier.status(self._status_line())
+                return self.backend_error
+            log.info(
+                "GPU driver %s found after gpud started (%s): %d GPUs",
+                self.system.driver_version or "(version unknown)",
+                why,
+                len(self.gpus),
+            )
+            if self.mig is not None:
+                self.mig.recovered.clear()
+                await self._recover_mig()
+            await self._ensure_cdi_spec("the driver arrived")
+            await self.reconcile()
+            self.notifier.status(self._status_line())
+            return ""
+
+    async def _refresh_device_policy(self, why: str) -> None:
+        """Before opening a driver that came after gpud: let systemd resolve gpud.service's
+        device groups again (see device_policy), or NVML is refused inside the sandbox."""
+        from gpud.daemon.device_policy import APPLIED, FAILED, reapply_own
+
+        result = await asyncio.to_thread(reapply_own)
+        if result.status == APPLIED:
+            log.info("device policy refreshed after %s: %s", why, result.message)
+        elif result.status == FAILED:
+            log.warning("%s", result.message)
 
     async def _recover_mig(self) -> None:
         """Bring MIG to the selected layout before the first advertisement (see MigController)."""
@@ -171,20 +264,38 @@ class Daemon:
             # The MIG change is over: report it once kubelet knows any new resources.
             await self.manager.wait_registrations(timeout=5.0)
 
-    async def _refresh_cdi(self) -> None:
-        """Regenerate the CDI spec after a MIG change: MIG device names in it follow the layout.
+    async def _refresh_cdi(self, after: str = "the MIG change") -> None:
+        """Regenerate the CDI spec: MIG device names in it follow the layout, and the spec lives
+        in /var/run, which a reboot empties.
 
         Only on real GPUs: nvidia-ctk describes the node's actual devices, not simulated ones.
         """
         if self.backend.name != "nvml":
             return
-        from gpud.host.cdi import refresh_after_mig_change
+        result = await asyncio.to_thread(cdi.refresh_after_mig_change, output=self.cdi_spec)
+        if result.status == cdi.FAILED:
+            log.warning("CDI spec not refreshed after %s: %s", after, result.message)
+        elif result.status == cdi.GENERATED:
+            self._cdi_current = True
+            log.info("CDI spec refreshed after %s: %s", after, result.message)
+        elif result.status == cdi.SKIPPED and self._uses_cdi():
+            log.error(
+                "devicePlugin.deviceListStrategy hands out CDI device names, but nvidia-ctk is not "
+                "installed, so there is no CDI spec and containers given those names fail to "
+                "start: install the toolkit (sudo gpudctl toolkit install) or use the envvar "
+                "strategy"
+            )
 
-        result = await asyncio.to_thread(refresh_after_mig_change)
-        if result.status == "failed":
-            log.warning("CDI spec not refreshed after the MIG change: %s", result.message)
-        elif result.status == "generated":
-            log.info("CDI spec refreshed: %s", result.path)
+    def _uses_cdi(self) -> bool:
+        return bool(_CDI_STRATEGIES & set(self.settings.config.device_plugin.device_list_strategy))
+
+    async def _ensure_cdi_spec(self, after: str = "the start") -> None:
+        """Generate the CDI spec once per backend open when the device-list strategy hands out
+        CDI names: a spec in /var/run/cdi is gone after a reboot, and toolkits before 1.18 do not
+        make it again. A MIG restore that just generated it is not repeated."""
+        if self.backend_error or self._cdi_current or not self._uses_cdi():
+            return
+        await self._refresh_cdi(after)
 
     async def _refresh_inventory(self) -> None:
         """After a MIG change: the GPUs' MIG modes (and, after a reset, handles) are new."""
@@ -410,9 +521,10 @@ class Daemon:
             log.warning("%s", warning)
         self.policy = XidPolicy.from_config(self.settings.config.health)
         if self.backend_error:
-            self.backend.close()
-            self._open_backend()
-            await self._recover_mig()
+            await self._refresh_device_policy("the configuration reload")
+            opened = not await self._driver_arrived("configuration reload", quiet=False)
+            if opened and self._driver_wait is not None:
+                self._driver_wait.cancel()
         await self.reconcile()
         self.notifier.reloaded(self._status_line())
         log.info("configuration reloaded from %s", fresh.config_file or "defaults")
