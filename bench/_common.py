@@ -15,6 +15,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,37 @@ def running_node(
             node.gpud.wait_ready()
             node.kubelet.wait_registered(GPU)
             node.kubelet.wait_devices(GPU, lambda d: len(d) == devices)
+            yield node
+        except BaseException:
+            if node.gpud.running():
+                log("gpud log tail:\n" + node.gpud.log()[-3000:])
+            raise
+        finally:
+            node.stop()
+
+
+WAITING_FOR_DRIVER = "no GPU driver yet; waiting for it"
+
+
+@contextlib.contextmanager
+def node_without_driver(prefix: str, timeout: float = 30.0) -> Iterator[Node]:
+    """Fake kubelet up, gpud started on a dgx-a100 whose driver is not loaded
+    (:mod:`gpud.hw.sim.driver`), yielded once gpud logs that it waits for the driver (its watch is
+    armed); everything torn down afterwards."""
+    from gpud.hw.sim.driver import DriverState, set_driver
+
+    with short_tmp(prefix) as root:
+        node = make_node(root)
+        set_driver(node.gpud.state_dir, DriverState.NOT_LOADED)
+        node.kubelet.start()
+        try:
+            node.gpud.start()
+            node.gpud.wait_ready()
+            deadline = time.monotonic() + timeout
+            while WAITING_FOR_DRIVER not in node.gpud.log():
+                if time.monotonic() > deadline or not node.gpud.running():
+                    raise RuntimeError(f"gpud is not waiting for the driver:\n{node.gpud.log()}")
+                time.sleep(0.02)
             yield node
         except BaseException:
             if node.gpud.running():

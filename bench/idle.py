@@ -2,7 +2,9 @@
 (budget: 0 ticks, RSS <= 60 MiB for the whole of gpud).
 
 gpud runs against a fake kubelet that has registered its GPU plugin and holds the
-ListAndWatch stream open, as on a real node. After a settling pause the bench reads
+ListAndWatch stream open, as on a real node. With ``--no-driver`` the simulated node's driver is
+not loaded instead: gpud advertises nothing and waits for the driver (kernel uevents, inotify on
+its /dev), which must cost nothing either. After a settling pause the bench reads
 utime+stime of the gpud process (/proc/<pid>/stat) at the start and at the end of
 ``--duration`` seconds, and per thread (/proc/<pid>/task/*/stat, names from .../comm) so any
 tick can be pinned on a thread. It also reads each thread's exact on-CPU time (schedstat) and
@@ -24,7 +26,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import CLK_TCK, cpu_ticks, emit, log, running_node, stat_ticks
+from bench._common import (
+    CLK_TCK,
+    cpu_ticks,
+    emit,
+    log,
+    node_without_driver,
+    running_node,
+    stat_ticks,
+)
 
 RSS_BUDGET_MIB = 60.0
 
@@ -69,9 +79,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=60.0, help="idle window, s (default 60)")
     ap.add_argument("--settle", type=float, default=2.0, help="pause before the window, s")
+    ap.add_argument(
+        "--no-driver",
+        action="store_true",
+        help="gpud waiting for a driver that is not loaded, instead of serving 8 GPUs",
+    )
     args = ap.parse_args()
 
-    with running_node("idle") as node:
+    node_cm = node_without_driver("idle") if args.no_driver else running_node("idle")
+    with node_cm as node:
         pid = node.gpud.pid
         assert pid is not None
         node.gpud._close_channel()  # no control-API connection open during the window
@@ -86,6 +102,7 @@ def main() -> int:
         after_threads = threads(pid)
         st = status_fields(Path(f"/proc/{pid}/status"))
         still_connected = node.kubelet.connected("nvidia.com/gpu")
+        driver_watch = "waiting for the driver" if args.no_driver else "not running (driver loaded)"
 
     per_thread = []
     for tid, after in sorted(after_threads.items(), key=lambda kv: int(kv[0])):
@@ -118,6 +135,7 @@ def main() -> int:
         figures,
         {"ticks": 0, "rss_mib": RSS_BUDGET_MIB},
         duration_s=round(window, 1),
+        driver_watch=driver_watch,
         method=(
             "utime+stime of /proc/<gpud pid>/stat before and after the window (USER_HZ="
             f"{CLK_TCK}); VmRSS and Threads from /proc/<pid>/status at its end; cpu_ms = exact "
