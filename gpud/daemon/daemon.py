@@ -218,8 +218,10 @@ class Daemon:
             return ""
 
     async def _refresh_device_policy(self, why: str) -> None:
-        """Before opening a driver that came after gpud: let systemd resolve gpud.service's
-        device groups again (see device_policy), or NVML is refused inside the sandbox."""
+        """Before opening a driver that may have come after gpud.service started: let systemd
+        resolve its device groups again (see device_policy), or NVML is refused in the sandbox.
+        Also before the check once the watch is armed: a driver that loaded between the unit's
+        start and gpud's first open sent its signs before anyone listened."""
         from gpud.daemon.device_policy import APPLIED, FAILED, reapply_own
 
         result = await asyncio.to_thread(reapply_own)

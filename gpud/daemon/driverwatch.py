@@ -152,18 +152,21 @@ def _kernel_monitor() -> Any:
 async def wait_for_driver(
     watch: DriverWatch,
     attempt: Callable[[str], Awaitable[str]],
-    on_sign: Callable[[str], Awaitable[None]],
+    prepare: Callable[[str], Awaitable[None]],
     retry_delays: Sequence[float] = RETRY_DELAYS_S,
 ) -> None:
     """Return once ``attempt(sign)`` (open the backend; answers why it could not, "" once it did)
     has succeeded.
 
     One attempt once ``watch`` is armed, for a driver that came between the caller's failed open
-    and the arming; then, after each sign, ``on_sign`` and an attempt, retried after each of
-    ``retry_delays`` while it fails. A new sign cuts a wait short.
+    and the arming (its signs went unheard); then one after each sign, retried after each of
+    ``retry_delays`` while it fails. A new sign cuts a wait short. ``prepare`` runs before the
+    first attempt of each of these.
     """
     await watch.armed.wait()
-    if not await attempt("found once the watch was armed"):
+    why = "found once the watch was armed"
+    await prepare(why)
+    if not await attempt(why):
         return
     log.info(
         "no GPU driver yet; waiting for it (kernel uevents of module %s, %s)",
@@ -171,20 +174,20 @@ async def wait_for_driver(
         watch.signals.control_path,
     )
     while True:
-        why = await watch.next()
-        assert why is not None
-        await on_sign(why)
-        error = await attempt(why)
+        sign = await watch.next()
+        assert sign is not None
+        await prepare(sign)
+        error = await attempt(sign)
         for delay in retry_delays:
             if not error:
                 return
             await watch.next(timeout=delay)
-            error = await attempt(why)
+            error = await attempt(sign)
         if not error:
             return
         log.warning(
             "the GPU driver showed itself (%s) but cannot be used: %s; waiting for the next sign "
             "of it (or `systemctl reload gpud`)",
-            why,
+            sign,
             error,
         )

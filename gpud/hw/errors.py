@@ -61,7 +61,8 @@ UNAVAILABLE_ADVICE: dict[ErrorKind, str] = {
     ),
     ErrorKind.NO_PERMISSION: (
         "no permission to use the NVIDIA driver (/dev/nvidiactl could not be opened); "
-        "run gpud as root"
+        "run gpud as root, and under systemd check that its device policy allows the nvidia "
+        "device groups (systemctl show gpud -p DeviceAllow; sudo systemctl restart gpud)"
     ),
     ErrorKind.LIB_RM_VERSION_MISMATCH: (
         "NVIDIA driver version mismatch: libnvidia-ml.so.1 and the loaded kernel module come from "
