@@ -20,6 +20,7 @@ The watch runs only while the driver is missing: an open NVML pins the module (`
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class DriverWatch:
                     log.warning("cannot watch %s for the driver's device nodes: %s", dev_dir, exc)
                     self.armed.set()
                     await asyncio.Event().wait()  # uevents only, until cancelled
+                    return
                 self.armed.set()
                 async for event in inotify:
                     if event.name is not None and str(event.name) == self.signals.control_node:
@@ -127,9 +129,16 @@ class DriverWatch:
                 if why is not None:
                     self._saw(why)
         except OSError as exc:
-            # ENOBUFS: the kernel dropped uevents while we were busy; any of them may have been
-            # the one, so treat the loss itself as a sign.
-            self._saw(f"uevents lost ({exc})")
+            if exc.errno == errno.ENOBUFS:
+                # The kernel dropped uevents while we were busy; any of them may have been the
+                # one, so the loss itself is a sign.
+                self._saw(f"uevents lost ({exc})")
+                return
+            # Anything else would repeat on every wake-up: keep the /dev watch only.
+            log.warning(
+                "kernel uevents failed (%s); watching for the driver's device node only", exc
+            )
+            asyncio.get_running_loop().remove_reader(monitor.fileno())
 
 
 def _kernel_monitor() -> Any:
