@@ -28,6 +28,13 @@ from gpud.host.commands import run_command
             "6f3c0c1e",
             "gpud.service",
         ),
+        # systemd 252 in a unified container on a hybrid host (systemd-nspawn here): the v1
+        # name=systemd line shows the host's view.
+        (
+            "9:name=systemd:/\n5:devices:/\n1:cpu:/\n0::/system.slice/gpud.service\n",
+            "aa54bf68",
+            "gpud.service",
+        ),
         ("0::/system.slice/gpud.service\n", None, None),  # no INVOCATION_ID: not started by it
         ("0::/user.slice/user-0.slice/session-3.scope\n", "6f3c0c1e", None),  # a shell
         ("0::/\n", "6f3c0c1e", None),  # a container's root cgroup

@@ -226,9 +226,11 @@ class Daemon:
 
         result = await asyncio.to_thread(reapply_own)
         if result.status == APPLIED:
-            log.info("device policy refreshed after %s: %s", why, result.message)
+            log.info("device policy refreshed for %s: %s", why, result.message)
         elif result.status == FAILED:
             log.warning("%s", result.message)
+        else:
+            log.debug("device policy not refreshed: %s", result.message)
 
     async def _recover_mig(self) -> None:
         """Bring MIG to the selected layout before the first advertisement (see MigController)."""

@@ -42,10 +42,12 @@ def own_unit(cgroup: str, invocation_id: str | None) -> str | None:
     for line in cgroup.splitlines():
         _, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
-        # cgroup v2 ("0::/system.slice/gpud.service") or v1's systemd hierarchy.
+        # cgroup v2 ("0::/system.slice/gpud.service") or v1's systemd hierarchy; in a container
+        # one of the two may show the host's view ("/"), so the first that names a service wins.
         if controllers in ("", "name=systemd"):
             name = path.rstrip("/").rsplit("/", 1)[-1]
-            return name if name.endswith(".service") else None
+            if name.endswith(".service"):
+                return name
     return None
 
 

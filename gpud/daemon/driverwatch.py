@@ -173,7 +173,7 @@ async def wait_for_driver(
     first attempt of each of these.
     """
     await watch.armed.wait()
-    why = "found once the watch was armed"
+    why = "a check once the driver watch was armed"
     await prepare(why)
     if not await attempt(why):
         return
