@@ -24,6 +24,7 @@ from gpud.hw.backend import DriverSignals
 from gpud.hw.sim.driver import DriverState, control_node, set_driver
 from tests.conftest import unavailable
 from tests.support.node import Node, make_node
+from tests.support.podresources import FakePodResources
 
 GPU = "nvidia.com/gpu"
 WAITING = "no GPU driver yet; waiting for it"
@@ -128,8 +129,12 @@ def test_a_sign_without_a_driver_keeps_gpud_waiting_for_the_next_one(
 def test_the_configured_mig_layout_is_applied_when_the_driver_arrives(
     short_tmp: Path,
 ) -> None:
+    pod_resources = FakePodResources(short_tmp / "pod-resources.sock").start()  # no pods
     config = short_tmp / "gpud.yaml"
-    config.write_text("version: v1\nmig:\n  layout: all-1g.5gb\n")
+    config.write_text(
+        "version: v1\nmig:\n  layout: all-1g.5gb\n"
+        f"paths:\n  podResourcesSocket: {pod_resources.socket_path}\n"
+    )
     n = make_node(short_tmp, extra=("--config", str(config)))
     set_driver(n.gpud.state_dir, DriverState.NOT_LOADED)
     n.kubelet.start()
@@ -153,6 +158,7 @@ def test_the_configured_mig_layout_is_applied_when_the_driver_arrives(
     finally:
         n.gpud.terminate()
         n.kubelet.stop()
+        pod_resources.stop()
         print(n.gpud.log())
 
 

@@ -29,6 +29,7 @@ from gpud.hw.backend import DriverSignals
 from gpud.hw.nvml import CommandRunner, NvmlBackend
 from tests.fakenvml import FakeNvml, Ret, dgx_a100
 from tests.support.kubelet import FakeKubelet
+from tests.support.podresources import FakePodResources
 from tests.test_hw_nvml_mig import Recorder
 
 GPU = "nvidia.com/gpu"
@@ -63,8 +64,9 @@ class Scene:
         self.dev.mkdir()
         self.cdi_spec = root / "cdi" / "nvidia.yaml"
         self.ctk_log = root / "ctk.log"
-        # No kubelet's PodResources here: nothing protects pods from the MIG restore at start.
-        pod_resources = f"paths:\n  podResourcesSocket: {root / 'pod-resources.sock'}\n"
+        # kubelet's PodResources, with no pods: what a MIG restore at start asks before it acts.
+        self.pod_resources = FakePodResources(root / "pod-resources.sock")
+        pod_resources = f"paths:\n  podResourcesSocket: {self.pod_resources.socket_path}\n"
         (root / "gpud.yaml").write_text(config + pod_resources)
         settings = resolve(
             root / "gpud.yaml",
@@ -106,7 +108,8 @@ class Scene:
 
         self.kubelet.start()
         try:
-            asyncio.run(main())
+            with self.pod_resources:
+                asyncio.run(main())
         finally:
             self.kubelet.stop()
 
