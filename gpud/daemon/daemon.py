@@ -105,7 +105,7 @@ class Daemon:
             self.settings.config.paths.socket, self.settings.config.paths.socket_group
         )
         api_server = await serve_api(self, gateway)
-        await self._open_backend()
+        await self._open_backend(in_thread=False)
 
         watcher = KubeletDirWatcher(
             self.settings.kubelet_dir, self._kubelet_started, self.manager.socket_removed
@@ -137,12 +137,14 @@ class Daemon:
         self.backend.close()
         return 0
 
-    async def _open_backend(self, *, quiet: bool = False) -> str:
+    async def _open_backend(self, *, quiet: bool = False, in_thread: bool = True) -> str:
         """Open the backend and read the GPUs, all or nothing; why it failed, "" when it worked.
 
-        Runs in a thread: a first ``nvmlInit`` on boards without persistence mode takes seconds,
-        and the control API must keep answering meanwhile. A failure after the open closes the
-        backend again, so the next try starts clean (and NVML's init count stays balanced).
+        A failure after the open closes the backend again, so the next try starts clean (and
+        NVML's init count stays balanced). Once gpud runs it opens in a thread: a first
+        ``nvmlInit`` on boards without persistence mode takes seconds, and the control API must
+        keep answering meanwhile. At start it does not (``in_thread=False``): nothing is served
+        yet but the control API, which would answer with GPUs that are merely not read yet.
         """
 
         def open_and_read() -> tuple[SystemInfo, tuple[GpuInfo, ...]]:
@@ -158,7 +160,10 @@ class Daemon:
 
         gpus: tuple[GpuInfo, ...] = ()
         try:
-            self.system, gpus = await asyncio.to_thread(open_and_read)
+            if in_thread:
+                self.system, gpus = await asyncio.to_thread(open_and_read)
+            else:
+                self.system, gpus = open_and_read()
         except BackendUnavailable as exc:
             self.backend_error = f"no driver: {exc}"
             if not quiet:
