@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import threading
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -79,7 +80,7 @@ def test_cloud_init_accepts_the_user_data(name: str) -> None:
         # cloud-init 22.4 only warns about an unknown top-level key, but a write_files entry
         # allows no other keys: a misspelt one there is an error
         ("misspelt write_files key", "    content: |", "    contents: |"),
-        ("wrong type", "packages:\n  - gpud\n", "packages: gpud\n"),
+        ("wrong type", "runcmd:\n", "runcmd: gpud bootstrap\nbootcmd:\n"),
     ],
     ids=["misspelt-key", "wrong-type"],
 )
@@ -129,7 +130,11 @@ def test_gpud_bootstrap_runs_last_and_cloud_init_does_not_reboot(name: str) -> N
 
 def test_apt_route_trusts_its_key_for_its_repository_only() -> None:
     data = user_data(APT)
-    assert data["packages"][0] == "gpud"
+    install = next(line for line in runcmd(data) if "apt-get install" in line)
+    assert shlex.split(install)[-2:] == ["gpud", "ubuntu-drivers-common"]
+    assert "--force-confold" in install  # dpkg keeps the gpud.yaml written before the install
+    # cloud-init's own installs give up after 30 s of a held apt lock: not used for gpud
+    assert "packages" not in data
     (source,) = data["apt"]["sources"].values()
     assert source["source"].startswith("deb [signed-by=$KEY_FILE] ")
     assert "BEGIN PGP PUBLIC KEY BLOCK" in source["key"]
@@ -149,10 +154,13 @@ def test_deb_route_keeps_the_config_and_stops_at_a_failed_download() -> None:
     assert str(deb) in lines[checksum] and checksum < lines.index(install)
 
 
-def test_deb_route_waits_for_the_dpkg_lock_with_apt_s_own_option(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", [APT, DEB])
+def test_the_install_waits_for_the_dpkg_lock_with_apt_s_own_option(
+    name: str, tmp_path: Path
+) -> None:
     """unattended-upgrades holds dpkg's lock on a first boot: the install line must wait, not
     fail. Its own -o options, given to the real apt-get against a held lock, make apt wait."""
-    install = next(line for line in runcmd(user_data(DEB)) if "apt-get install" in line)
+    install = next(line for line in runcmd(user_data(name)) if "apt-get install" in line)
     words = shlex.split(install)
     options = [f"-o {shlex.quote(words[i + 1])}" for i, w in enumerate(words) if w == "-o"]
     assert any(o.startswith("-o DPkg::Lock::Timeout=") for o in options)
@@ -174,6 +182,34 @@ def test_deb_route_waits_for_the_dpkg_lock_with_apt_s_own_option(tmp_path: Path)
             check=False,
         )
     assert bare.returncode != 0 and "E: Could not get lock" in bare.stderr
+
+
+def test_apt_route_retries_the_update_while_the_lists_lock_is_held(tmp_path: Path) -> None:
+    """apt-get update takes apt's lists lock, which DPkg::Lock::Timeout does not cover: the
+    update line, run as written with the real apt-get, outlasts a holder; the bare update fails."""
+    lines = runcmd(user_data(APT))
+    assert lines[0] == "set -e"
+    update = next(line for line in lines if "apt-get update" in line)
+    assert lines.index(update) < next(i for i, x in enumerate(lines) if "apt-get install" in x)
+    root = tmp_path / "root"
+    line = update.replace("apt-get update", f"{real_apt_get(root)} update")
+    lock = root / "var/lib/apt/lists/lock"
+    with LockHolder(lock, scratch=tmp_path) as holder:
+        bare = subprocess.run(
+            ["/bin/sh", "-c", f"{real_apt_get(root)} update"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        # let go a few seconds into the retrying line, as unattended-upgrades would
+        threading.Timer(3.0, holder.release).start()
+        retried = subprocess.run(
+            ["/bin/sh", "-c", line], capture_output=True, text=True, timeout=700, check=False
+        )
+    assert bare.returncode != 0 and "Could not get lock" in bare.stderr, bare.stderr
+    assert retried.returncode == 0, retried.stderr
+    assert "Could not get lock" in retried.stderr  # it did meet the held lock first
 
 
 @pytest.mark.parametrize("name", [APT, DEB])
