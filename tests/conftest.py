@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the package tests' inputs made before the first test."""
 
 from __future__ import annotations
 
@@ -12,8 +12,42 @@ from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
+from tests.support.package_inputs import Inputs, prepare, wanted
+
 if TYPE_CHECKING:
     from tests.fakenvml import FakeNvml
+
+PACKAGE_INPUTS = pytest.StashKey[Inputs]()
+PACKAGE_OUT = pytest.StashKey[Path]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the .deb and the Debian roots the selected tests use, outside any test's timeout
+    (tests/support/package_inputs.py says why)."""
+    config = session.config
+    needed = set() if config.option.collectonly else wanted(i.fixturenames for i in session.items)
+    out = Path(tempfile.mkdtemp(prefix="gpud-deb-"))
+    config.stash[PACKAGE_OUT] = out
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    say = reporter.write_line if reporter is not None else print
+    config.stash[PACKAGE_INPUTS] = prepare(needed, out, say)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    out = session.config.stash.get(PACKAGE_OUT, None)
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def package_inputs(config: pytest.Config, name: str) -> Inputs:
+    """The session's package inputs for a fixture named ``name``: skipped (or failed under CI)
+    when this machine cannot make them, failed with the reason when making them failed."""
+    inputs = config.stash[PACKAGE_INPUTS]
+    if inputs.unavailable:
+        unavailable(inputs.unavailable)
+    if name in inputs.errors:
+        pytest.fail(f"{name} could not be made before the tests:\n{inputs.errors[name]}")
+    return inputs
 
 
 @pytest.fixture

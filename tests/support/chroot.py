@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.support.nspawn import ENV, checked
+from tests.support.nspawn import ENV, STEP_TIMEOUT, bounded, checked
 
 
 class Chroot:
@@ -53,9 +53,7 @@ class Chroot:
         return ["chroot", str(self.path), "env", "-i", *ENV, *args]
 
     def run(
-        self, args: list[str], *, check: bool = True, timeout: float = 300.0
+        self, args: list[str], *, check: bool = True, timeout: float = STEP_TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            self.command(args), capture_output=True, text=True, timeout=timeout, check=False
-        )
+        result = bounded(self.command(args), args, "in the chroot", timeout)
         return checked(result, args, "in the chroot") if check else result

@@ -23,6 +23,13 @@ ENV = [
 ]
 
 
+# Each step inside a root has its own bound, well above what it takes on a loaded 2-core
+# machine (an apt install that starts gpud: ~10 s idle), so a step that hangs fails naming itself
+# long before the test's own timeout.
+STEP_TIMEOUT = 300.0
+BOOT_TIMEOUT = 180.0
+
+
 def checked(
     result: subprocess.CompletedProcess[str], args: list[str], where: str
 ) -> subprocess.CompletedProcess[str]:
@@ -33,6 +40,22 @@ def checked(
             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
     return result
+
+
+def bounded(
+    command: list[str], args: list[str], where: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (which runs ``args`` somewhere) for at most ``timeout`` seconds; past
+    that, an assertion naming the step and what it had printed."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        raise AssertionError(
+            f"{where}, {shlex.join(args)} did not finish in {timeout:.0f} s\n"
+            f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        ) from None
 
 
 class BootFailed(RuntimeError):
@@ -47,7 +70,7 @@ class Container:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
 
-    def boot(self, timeout: float = 90.0) -> None:
+    def boot(self, timeout: float = BOOT_TIMEOUT) -> None:
         cmd = [
             "systemd-nspawn",
             "--quiet",
@@ -71,9 +94,12 @@ class Container:
             if not self.pid:
                 self.pid = self._container_init()
             if self.pid:
-                state = self.run(["systemctl", "is-system-running", "--wait"], check=False)
-                if state.stdout.strip() in ("running", "degraded"):
-                    return
+                wait = ["systemctl", "is-system-running", "--wait"]
+                left = max(1.0, deadline - time.monotonic())
+                with contextlib.suppress(AssertionError):  # past the deadline: BootFailed below
+                    state = self.run(wait, check=False, timeout=left)
+                    if state.stdout.strip() in ("running", "degraded"):
+                        return
             time.sleep(0.2)
         self.close()
         raise BootFailed(f"systemd did not reach running in {timeout:.0f} s: {self._log()}")
@@ -96,20 +122,15 @@ class Container:
         args: list[str],
         *,
         check: bool = True,
-        timeout: float = 300.0,
+        timeout: float = STEP_TIMEOUT,
         user: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``args`` inside, as root or as ``user`` (with that user's groups)."""
         inner = ["env", "-i", *ENV, *args]
         if user is not None:
             inner = ["runuser", "-u", user, "--", *inner]
-        result = subprocess.run(
-            ["nsenter", "-t", str(self.pid), "-a", *inner],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        command = ["nsenter", "-t", str(self.pid), "-a", *inner]
+        result = bounded(command, args, "in the container", timeout)
         return checked(result, args, "in the container") if check else result
 
     def exists(self, path: str) -> bool:
