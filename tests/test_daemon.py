@@ -20,6 +20,7 @@ import pytest
 from tests.support.kubelet import HEALTHY, UNHEALTHY
 from tests.support.node import Node, make_node
 from tests.support.process import GpudProcess
+from tests.support.unprivileged import readable_client
 
 pytestmark = pytest.mark.integration
 
@@ -197,12 +198,15 @@ def test_non_root_can_read_but_not_change(node: Node) -> None:
         "except grpc.RpcError as e:\n"
         "    print(e.code().name)\n"
     )
+    client = readable_client()
     code = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=0", "--clear-groups", sys.executable, "-c", script],
+        client.argv(65534, "-c", script),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=client.env,
+        cwd="/",
     )
     assert code.stdout.strip() == "PERMISSION_DENIED", code.stderr
 

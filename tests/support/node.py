@@ -11,6 +11,7 @@ from typing import Any
 
 from tests.support.kubelet import FakeKubelet
 from tests.support.process import GpudProcess
+from tests.support.unprivileged import readable_client
 
 
 @dataclass
@@ -20,10 +21,17 @@ class Node:
     gpud: GpudProcess
 
     def gpudctl(self, *args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "gpud.cli.gpudctl", "--socket", str(self.gpud.socket), *args]
-        if user is not None:
-            argv = ["setpriv", f"--reuid={user}", "--regid=0", "--clear-groups", *argv]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        """gpudctl against this node's gpud, as root or as ``user`` (a uid: run from a copy that
+        user can read, so only gpud can refuse it; see tests/support/unprivileged.py)."""
+        client = ["-m", "gpud.cli.gpudctl", "--socket", str(self.gpud.socket), *args]
+        if user is None:
+            argv, env, cwd = [sys.executable, *client], None, None
+        else:
+            readable = readable_client()
+            argv, env, cwd = readable.argv(user, *client), readable.env, "/"
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, check=False, env=env, cwd=cwd
+        )
 
     def uuids(self) -> list[str]:
         return [g.uuid for g in self.gpud.status().gpus]
