@@ -1,13 +1,15 @@
 """The installed package under systemd: how fast gpud.service becomes active, and what it costs.
 
 Builds the .deb from this checkout (scripts/build-deb) unless ``--deb`` names one, boots the
-cached clean Debian 12 root of the package test with systemd-nspawn, installs it with apt and
-configures the simulated dgx-a100. Then ``systemctl restart gpud`` N times; each start is
-measured by systemd itself, from ``ExecMainStartTimestampMonotonic`` (the process exec'd) to
-``ActiveEnterTimestampMonotonic`` (READY=1 received), so it includes the interpreter, the
-imports from the postinst-compiled bytecode, the backend and the plugin sockets, and nothing of
-this script. RSS is the daemon's VmRSS after it idled ``--idle`` seconds. The budgets are the
-ones bench/startup.py and bench/idle.py report against; here they hold for the installed form.
+cached clean Debian 12 root of the package test (``--release 13``: the Debian 13 one, another
+python3 and so another of the payload's compiled-module directories) with systemd-nspawn,
+installs it with apt and configures the simulated dgx-a100. Then ``systemctl restart gpud`` N
+times; each start is measured by systemd itself, from ``ExecMainStartTimestampMonotonic`` (the
+process exec'd) to ``ActiveEnterTimestampMonotonic`` (READY=1 received), so it includes the
+interpreter, the imports from the postinst-compiled bytecode, the backend and the plugin
+sockets, and nothing of this script. RSS is the daemon's VmRSS after it idled ``--idle``
+seconds. The budgets are the ones bench/startup.py and bench/idle.py report against; here they
+hold for the installed form.
 
 Needs root, debootstrap and systemd-nspawn (scripts/setup installs them).
 """
@@ -24,10 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, emit, log, summary_ms
-from tests.support.debroot import ensure_root
+from tests.support.debroot import DEBIAN_12, DEBIAN_13, ensure_root
 from tests.support.nspawn import Container
 
 CONFIG = "version: v1\nbackend: sim\nsimulate: dgx-a100\n"
+RELEASES = {"12": DEBIAN_12, "13": DEBIAN_13}
 
 
 def _show(node: Container, prop: str) -> str:
@@ -50,18 +53,20 @@ def main() -> None:
     parser.add_argument("--deb", type=Path, help="an already built gpud .deb")
     parser.add_argument("--runs", type=int, default=20, help="restarts to time")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds idle before RSS")
+    parser.add_argument("--release", choices=RELEASES, default="12", help="Debian release")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="gb-package-") as tmp:
         work = Path(tmp)
         deb = args.deb.resolve() if args.deb else _build(work)
-        root = ensure_root(REPO / ".cache/debroot")
+        root = ensure_root(REPO / ".cache/debroot", RELEASES[args.release])
         node = Container(root, {deb.parent: "/mnt/dist"}, work / "nspawn.log")
         node.boot()
         try:
             started = time.monotonic()
             node.run(["apt-get", "--yes", "--quiet", "install", f"/mnt/dist/{deb.name}"])
             install_s = time.monotonic() - started
+            python3 = node.run(["python3", "--version"]).stdout.split()[1]
             node.write("/etc/gpud/gpud.yaml", CONFIG)
             starts = []
             for _ in range(args.runs):
@@ -101,7 +106,9 @@ def main() -> None:
         },
         {"start_to_ready_p50_ms": 400, "rss_after_idle_mib": 60},
         start_to_ready_ms=start,
-        method="systemd's own timestamps in a booted Debian 12 root (systemd-nspawn), dgx-a100 sim",
+        python3=python3,
+        method=f"systemd's own timestamps in a booted Debian {args.release} root "
+        "(systemd-nspawn), dgx-a100 sim",
     )
 
 
