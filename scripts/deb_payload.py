@@ -298,9 +298,10 @@ def _pip_target(pip: Sequence[str | Path], target: Path, *args: str | Path) -> N
 
 
 def build(dest: Path, pythons: Sequence[Python], work: Path) -> None:
-    machine = MACHINES.get(_dpkg_arch())
+    arch = _dpkg_arch()
+    machine = MACHINES.get(arch)
     if machine is None:
-        raise BuildError(f"no manylinux wheels for {_dpkg_arch()}: only {sorted(MACHINES)}")
+        raise BuildError(f"no manylinux wheels for {arch}: only for {', '.join(MACHINES)}")
     wheels_lock, sources_lock = split_lock(LOCK.read_text(), ("systemd-python",))
     (work / "wheels.lock").write_text(wheels_lock)
     (work / "sources.lock").write_text(sources_lock)
@@ -380,14 +381,14 @@ def _dpkg_arch() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("find", "build"):
-        cmd = sub.add_parser(name)
+    sub.add_parser("depends")
+    find, build_ = sub.add_parser("find"), sub.add_parser("build")
+    build_.add_argument("--dest", type=Path, required=True)
+    for cmd in (find, build_):
         cmd.add_argument(
             "--python", action="append", default=[], metavar="X.Y=PATH",
             help="the CPython X.Y to build with (default: GPUD_PYTHONS, PATH, pyenv)",
         )  # fmt: skip
-    sub.add_parser("depends")
-    sub.choices["build"].add_argument("--dest", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "depends":
         print(depends())

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from tests.fakenvml import FakeNvml
 
 PACKAGE_INPUTS = pytest.StashKey[Inputs]()
-PACKAGE_OUT = pytest.StashKey[Path]()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -26,17 +25,15 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     (tests/support/package_inputs.py says why)."""
     config = session.config
     needed = set() if config.option.collectonly else wanted(i.fixturenames for i in session.items)
-    out = Path(tempfile.mkdtemp(prefix="gpud-deb-"))
-    config.stash[PACKAGE_OUT] = out
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     say = reporter.write_line if reporter is not None else print
-    config.stash[PACKAGE_INPUTS] = prepare(needed, out, say)
+    config.stash[PACKAGE_INPUTS] = prepare(needed, say)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    out = session.config.stash.get(PACKAGE_OUT, None)
-    if out is not None:
-        shutil.rmtree(out, ignore_errors=True)
+    inputs = session.config.stash.get(PACKAGE_INPUTS, None)
+    if inputs is not None and inputs.workdir is not None:
+        shutil.rmtree(inputs.workdir, ignore_errors=True)
 
 
 def package_inputs(config: pytest.Config, name: str) -> Inputs:

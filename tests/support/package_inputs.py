@@ -15,12 +15,14 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scripts.deb_payload import BuildError, find_pythons
 from tests.support.debroot import DEBIAN_12, DEBIAN_13, ensure_root
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,9 +39,11 @@ ROOTS = {"debian12_root": DEBIAN_12, "debian13_root": DEBIAN_13}
 
 @dataclass
 class Inputs:
-    """What was made, or why not: ``unavailable`` when this machine lacks a tool (a skip, or a
-    failure under CI), ``errors`` when making it failed."""
+    """What was made (the .deb under ``workdir``, removed after the session), or why not:
+    ``unavailable`` when this machine lacks a tool (a skip, or a failure under CI), ``errors``
+    when making it failed."""
 
+    workdir: Path | None = None
     deb: Path | None = None
     upgrade: Path | None = None
     roots: dict[str, Path] = field(default_factory=dict)
@@ -52,7 +56,7 @@ def wanted(fixture_names: Iterable[Iterable[str]]) -> set[str]:
     return {name for names in fixture_names for name in names if name in NEEDS}
 
 
-def prepare(needed: set[str], out: Path, say: Callable[[str], None]) -> Inputs:
+def prepare(needed: set[str], say: Callable[[str], None]) -> Inputs:
     inputs = Inputs()
     tools = sorted({tool for name in needed for tool in NEEDS[name]})
     missing = [t for t in tools if shutil.which(t) is None]
@@ -60,11 +64,17 @@ def prepare(needed: set[str], out: Path, say: Callable[[str], None]) -> Inputs:
         inputs.unavailable = f"missing {', '.join(missing)} (scripts/setup installs them)"
     elif os.geteuid() != 0:
         inputs.unavailable = "needs root (dpkg-buildpackage, debootstrap and systemd-nspawn)"
+    elif "deb" in needed:
+        try:
+            find_pythons({})
+        except BuildError as exc:
+            inputs.unavailable = str(exc)
     if inputs.unavailable or not needed:
         return inputs
 
     jobs: dict[str, Callable[[], object]] = {}
     if "deb" in needed:
+        out = inputs.workdir = Path(tempfile.mkdtemp(prefix="gpud-deb-"))
         jobs["deb"] = lambda: _build(out, inputs)
     for name, suite in ROOTS.items():
         if name in needed:
