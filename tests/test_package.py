@@ -34,7 +34,7 @@ from gpud import __version__
 from scripts.deb_payload import SUPPORTED, abi_tag, locate
 from tests.conftest import package_inputs, unavailable
 from tests.support.chroot import Chroot
-from tests.support.debroot import DEBIAN_12, DEBIAN_13
+from tests.support.debroot import DEBIAN_12, DEBIAN_13, apt_mirror
 from tests.support.kubelet import FakeKubelet
 from tests.support.nspawn import BootFailed, Container
 from tests.support.process import GpudProcess
@@ -562,15 +562,7 @@ def test_install_run_upgrade_remove_purge(node: Container, deb: Path, upgrade_de
     )
     assert again["result"] == "unchanged" and again["mutations"] == 0, again
 
-    # 6. python3 upgraded underneath (python3-minimal ships /usr/bin/python3, which gpud's file
-    # trigger watches): the bytecode is made again for the python3 now installed.
-    node.run(["find", PAYLOAD, "-name", "__pycache__", "-prune", "-exec", "rm", "-rf", "{}", "+"])
-    node.run(["dpkg-trigger", "--no-await", "/usr/bin/python3"])
-    node.run(["dpkg", "--triggers-only", "--pending"])
-    assert node.exists(f"{PAYLOAD}/common/gpud/__pycache__/__init__.cpython-311.pyc")
-    assert node.exists(f"{PAYLOAD}/cp311/grpc/__pycache__/__init__.cpython-311.pyc")
-
-    # 7. remove: stopped and gone, configuration and state kept
+    # 6. remove: stopped and gone, configuration and state kept
     _apt(node, "remove", "gpud")
     assert node.run(["systemctl", "is-active", "gpud"], check=False).stdout.strip() != "active"
     for gone in ("/usr/bin/gpud", "/usr/bin/gpudctl", PAYLOAD, "/run/gpud"):
@@ -579,7 +571,7 @@ def test_install_run_upgrade_remove_purge(node: Container, deb: Path, upgrade_de
     assert node.exists("/var/lib/gpud/mig")
     assert node.run(["getent", "group", "gpud"], check=False).returncode == 0
 
-    # 8. purge: nothing of gpud left
+    # 7. purge: nothing of gpud left
     _apt(node, "purge", "gpud")
     assert node.run(["getent", "group", "gpud"], check=False).returncode != 0
     node.run(["rm", "-rf", "/var/lib/kubelet"])  # the probe's kubelet, not the package's
@@ -654,6 +646,39 @@ def test_the_same_deb_on_debian_13(debian13: Container, deb: Path) -> None:
     assert debian13.run(["getent", "group", "gpud"], check=False).returncode != 0
     left = _files(debian13) - before
     assert left == set(), sorted(left)
+
+
+def test_python3_moves_to_the_next_release_underneath_gpud(
+    deb: Path, debian12_root: Path, tmp_path: Path
+) -> None:
+    """What a release upgrade does to python3 (here Debian 12's 3.11 to Debian 13's 3.13, as
+    22.04's 3.10 to 24.04's 3.12): gpud stays installed, its trigger compiles the bytecode for
+    the new python3, and after a restart the daemon runs on it from its own cp313/."""
+    node = _boot(debian12_root, {deb.parent: "/mnt/dist"}, tmp_path / "nspawn.log")
+    try:
+        _installed_and_ready(node, f"/mnt/dist/{deb.name}")
+        _serves_the_simulated_node(node)
+        node.write("/etc/apt/sources.list.d/trixie.list", f"deb {apt_mirror()} {DEBIAN_13} main\n")
+        _apt(node, "update")
+        upgraded = _apt(node, "install", "python3")
+        assert "Processing triggers for gpud" in upgraded.stdout, upgraded.stdout[-3000:]
+        assert node.run(["python3", "--version"]).stdout.split()[1].startswith("3.13.")
+        status = node.run(["dpkg-query", "-W", "-f=${Status}", "gpud"]).stdout
+        assert status == "install ok installed", status
+        compiled = node.run(["find", PAYLOAD, "-name", "*.pyc"]).stdout.split()
+        assert f"{PAYLOAD}/cp313/grpc/__pycache__/__init__.cpython-313.pyc" in compiled
+        assert f"{PAYLOAD}/common/gpud/__pycache__/__init__.cpython-313.pyc" in compiled
+        assert not [p for p in compiled if ".cpython-311." in p]
+
+        node.run(["systemctl", "restart", "gpud"])
+        props = _show(node, "gpud", "ActiveState", "MainPID")
+        assert props["ActiveState"] == "active", props
+        exe = node.run(["readlink", f"/proc/{props['MainPID']}/exe"]).stdout.strip()
+        assert exe == "/usr/bin/python3.13", exe
+        status = json.loads(node.run(["gpudctl", "status", "-o", "json"]).stdout)
+        assert len(status["gpus"]) == 8, status
+    finally:
+        node.close()
 
 
 # --- installed into an image being built: a chroot, no systemd running ---------------------------
