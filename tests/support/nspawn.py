@@ -50,8 +50,10 @@ def bounded(
     try:
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        out, err = (
+            data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+            for data in (exc.stdout, exc.stderr)
+        )
         raise AssertionError(
             f"{where}, {shlex.join(args)} did not finish in {timeout:.0f} s\n"
             f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
