@@ -25,6 +25,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +59,7 @@ COMMON_MODULES = {
     "gpud",
     "pydantic",
     "pynvml.py",
+    "pyudev",
     "tomlkit",
     "typing_extensions.py",
     "typing_inspection",
@@ -218,6 +220,8 @@ def test_deb_metadata_and_contents(deb: Path) -> None:
     # Installable on the oldest supported release, Ubuntu 22.04: glibc 2.35, systemd 249.
     assert _min_version(depends, "libc6") <= (2, 35), depends
     assert _min_version(depends, "libsystemd0") <= (249,), depends
+    # pyudev loads libudev through ctypes, which dh_shlibdeps cannot see: named by hand.
+    assert "libudev1" in depends, depends
 
     listing = subprocess.run(
         ["dpkg-deb", "--contents", str(deb)], capture_output=True, text=True, check=True
@@ -542,9 +546,14 @@ def test_install_run_upgrade_remove_purge(node: Container, deb: Path, upgrade_de
     journal = node.run(["journalctl", "-u", "gpud", "RESOURCE=nvidia.com/gpu", "-o", "cat"])
     assert "registered with kubelet" in journal.stdout, journal.stdout
 
-    # 4. a MIG layout, selected and applied
+    # 4. a MIG layout, selected and applied. kubelet's directory is there (step 3) but no
+    # kubelet answers on PodResources: gpud cannot tell which pods use the GPUs, so it refuses
+    # to take them away until the operator forces it.
+    refused = node.run(["gpudctl", "mig", "apply", "-c", "all-1g.5gb"], check=False)
+    assert refused.returncode == 1 and "kubelet is installed" in refused.stderr, refused
+    assert "--force" in refused.stderr, refused.stderr
     applied = json.loads(
-        node.run(["gpudctl", "mig", "apply", "-c", "all-1g.5gb", "-o", "json"]).stdout
+        node.run(["gpudctl", "mig", "apply", "-c", "all-1g.5gb", "--force", "-o", "json"]).stdout
     )
     assert applied["result"] == "applied", applied
     mig_before = json.loads(node.run(["gpudctl", "mig", "show", "-o", "json"]).stdout)
@@ -633,6 +642,7 @@ def test_the_same_deb_on_debian_13(debian13: Container, deb: Path) -> None:
     assert debian13.exists(f"{PAYLOAD}/cp313/grpc/__pycache__/__init__.cpython-313.pyc")
     assert _exposure(debian13) == _documented_exposure("Debian 13")
     _serves_the_simulated_node(debian13)
+    _picks_up_a_driver_that_loads_later(debian13)
     applied = json.loads(
         debian13.run(["gpudctl", "mig", "apply", "-c", "all-1g.5gb", "-o", "json"]).stdout
     )
@@ -645,6 +655,36 @@ def test_the_same_deb_on_debian_13(debian13: Container, deb: Path) -> None:
     assert debian13.run(["getent", "group", "gpud"], check=False).returncode != 0
     left = _files(debian13) - before
     assert left == set(), sorted(left)
+
+
+def _picks_up_a_driver_that_loads_later(node: Container) -> None:
+    """The installed, sandboxed daemon started before the (simulated) driver: it waits, then
+    opens the GPUs with no restart, after asking systemd to resolve its DeviceAllow groups again
+    (a runtime drop-in of the same entries), as it does for a real driver."""
+    node.run(["mkdir", "-p", "/var/lib/gpud/sim/dev"])
+    node.write("/var/lib/gpud/sim/driver", "not-loaded")
+    node.run(["systemctl", "restart", "gpud"])
+    waiting = node.run(["gpudctl", "status", "-o", "json"], check=False)
+    status = json.loads(waiting.stdout)
+    assert status["backend_error"].startswith("no driver"), status
+    pid = _show(node, "gpud", "MainPID")["MainPID"]
+
+    node.write("/var/lib/gpud/sim/driver", "loaded")
+    node.run(["touch", "/var/lib/gpud/sim/dev/nvidiactl"])  # what udev does for the module
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = json.loads(node.run(["gpudctl", "status", "-o", "json"]).stdout)
+        if len(status["gpus"]) == 8:
+            break
+        time.sleep(0.2)
+    assert len(status["gpus"]) == 8 and not status["backend_error"], status
+    assert _show(node, "gpud", "MainPID")["MainPID"] == pid
+    drop_in = node.run(["systemctl", "cat", "gpud"]).stdout
+    assert "/run/systemd/system.control/gpud.service.d/" in drop_in, drop_in
+    assert "DeviceAllow=char-nvidia* rwm" in drop_in.split("system.control", 1)[1], drop_in
+    journal = node.run(["journalctl", "-u", "gpud", "-o", "cat"]).stdout
+    assert "device policy refreshed" in journal, journal[-3000:]
+    node.run(["rm", "-rf", "/var/lib/gpud/sim/driver", "/var/lib/gpud/sim/dev"])
 
 
 def test_python3_moves_to_the_next_release_underneath_gpud(
