@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -381,7 +381,7 @@ def _kept_differences(
     for key, value in _leaves(existing):
         if key in owned:
             continue
-        other = _lookup(template, key.split("."))
+        other = lookup(template, key.split("."), _MISSING)
         if other is not _MISSING and not _same(value, other):
             notes.append(f"kept {name}'s own {key} = {value!r} ({template_name} has {other!r})")
     return notes
@@ -781,11 +781,12 @@ def _leaves(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _lookup(data: Mapping[str, Any], keys: list[str]) -> Any:
+def lookup(data: Mapping[str, Any], keys: Sequence[str], default: Any = None) -> Any:
+    """The value at ``keys`` in nested tables, or ``default`` where any of them is missing."""
     node: Any = data
     for key in keys:
         if not isinstance(node, Mapping) or key not in node:
-            return _MISSING
+            return default
         node = node[key]
     return node
 

@@ -74,6 +74,7 @@ from gpud.host.containerd import (
     configure,
     cri_plugin,
     file_version,
+    lookup,
     parse,
 )
 
@@ -478,16 +479,16 @@ def merge(graph: Graph, runtime_name: str = "nvidia") -> Merged:
     if version > graph.rules.max_version or v1_lost:
         merged, leaves, mentions = {}, {}, {}  # this containerd ignores the CRI settings
 
-    runtimes = _get(merged, ("containerd", "runtimes"))
+    runtimes = lookup(merged, ("containerd", "runtimes"))
     runtimes = runtimes if isinstance(runtimes, Mapping) else {}
     rt_path = ("containerd", "runtimes", runtime_name)
-    runtime = _get(merged, rt_path)
+    runtime = lookup(merged, rt_path)
     runtime = runtime if isinstance(runtime, Mapping) else None
     rt_source = mentions.get(rt_path, [None])[-1]
     binary_path = (*rt_path, "options", "BinaryName")
     default_path = ("containerd", "default_runtime_name")
     cdi_path = _cdi_path(version)
-    cdi_value = _get(merged, cdi_path)
+    cdi_value = lookup(merged, cdi_path)
     if graph.rules.cdi_default is None:
         cdi = Setting(None, None)  # containerd 1.6: no such setting, whatever the files say
     elif cdi_value is not None:
@@ -496,8 +497,8 @@ def merge(graph: Graph, runtime_name: str = "nvidia") -> Merged:
         cdi = Setting(graph.rules.cdi_default, None)
     settings = {
         "runtime": Setting(runtime, rt_source if runtime is not None else None),
-        "binary": Setting(_get(merged, binary_path), leaves.get(binary_path)),
-        "default": Setting(_get(merged, default_path), leaves.get(default_path)),
+        "binary": Setting(lookup(merged, binary_path), leaves.get(binary_path)),
+        "default": Setting(lookup(merged, default_path), leaves.get(default_path)),
         "cdi": cdi,
     }
     watched = (rt_path, binary_path, default_path, cdi_path)
@@ -540,15 +541,6 @@ def _forget(leaves: dict[tuple[str, ...], str], path: tuple[str, ...]) -> None:
         del leaves[key]
 
 
-def _get(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    node: Any = data
-    for key in path:
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def _overrides(
     graph: Graph,
     named: list[tuple[ConfigFile, Mapping[str, Any]]],
@@ -561,9 +553,9 @@ def _overrides(
         last, table = named[-1] if named else (None, {})
         for earlier, old in named[:-1]:
             lost = [
-                _describe(path, _get(old, path))
+                _describe(path, lookup(old, path))
                 for path in watched
-                if _get(old, path) is not None and _get(old, path) != _get(table, path)
+                if lookup(old, path) is not None and lookup(old, path) != lookup(table, path)
             ]
             ignored = f"; ignored there: {', '.join(lost)}" if lost else ""
             out.append(
@@ -573,7 +565,7 @@ def _overrides(
             )
         return out
     for path in watched[1:]:
-        setters = [(f.shown, _get(t, path)) for f, t in named if _get(t, path) is not None]
+        setters = [(f.shown, lookup(t, path)) for f, t in named if lookup(t, path) is not None]
         for (earlier, old), (later, new) in itertools.pairwise(setters):
             if old != new:
                 out.append(
@@ -617,7 +609,7 @@ def _last_with(graph: Graph, path: tuple[str, ...]) -> ConfigFile | None:
     found = None
     for file in graph.files:
         table = _cri_of(file, version)
-        if table is not None and _get(table, path) is not None:
+        if table is not None and lookup(table, path) is not None:
             found = file
     return found
 
