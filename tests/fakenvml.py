@@ -296,8 +296,9 @@ class FakeLink:
 class FakeGpu:
     """A physical GPU as the fake driver describes it.
 
-    ``None`` for ``numa``, ``mig``, ``nvlinks`` or ``supported_events`` makes the matching NVML
-    query answer ``NOT_SUPPORTED``; ``errors`` forces a return code per C function name.
+    ``None`` for ``numa``, ``mig``, ``compute_capability``, ``nvlinks`` or ``supported_events``
+    makes the matching NVML query answer ``NOT_SUPPORTED``; ``errors`` forces a return code per C
+    function name.
     """
 
     uuid: str
@@ -309,6 +310,7 @@ class FakeGpu:
     minor: int = 0
     numa: int | None = 0
     mig: tuple[int, int] | None = (0, 0)
+    compute_capability: tuple[int, int] | None = (8, 0)
     nvlinks: list[FakeLink] | None = None
     supported_events: int | None = ALL_EVENTS
     lost: bool = False
@@ -548,6 +550,7 @@ class FakeNvml:
             "nvmlDeviceGetPciInfo_v3": (ret, c_void_p, c_void_p),
             "nvmlDeviceGetMemoryInfo": (ret, c_void_p, c_void_p),
             "nvmlDeviceGetMinorNumber": (ret, c_void_p, c_void_p),
+            "nvmlDeviceGetCudaComputeCapability": (ret, c_void_p, c_void_p, c_void_p),
             "nvmlDeviceGetNumaNodeId": (ret, c_void_p, c_void_p),
             "nvmlDeviceGetMigMode": (ret, c_void_p, c_void_p, c_void_p),
             "nvmlDeviceGetNvLinkState": (ret, c_void_p, c_uint, c_void_p),
@@ -785,6 +788,18 @@ class FakeNvml:
         if isinstance(found, int):
             return found
         return self._put(c_uint, addr, found[1].minor)
+
+    def _nvmlDeviceGetCudaComputeCapability(
+        self, handle: int | None, major: int | None, minor: int | None
+    ) -> int:
+        found = self._device_call("nvmlDeviceGetCudaComputeCapability", handle)
+        if isinstance(found, int):
+            return found
+        capability = found[1].compute_capability
+        if capability is None:
+            return Ret.NOT_SUPPORTED
+        ret = self._put(c_int, major, capability[0])
+        return ret if ret != Ret.SUCCESS else self._put(c_int, minor, capability[1])
 
     def _nvmlDeviceGetNumaNodeId(self, handle: int | None, addr: int | None) -> int:
         found = self._device_call("nvmlDeviceGetNumaNodeId", handle)
@@ -1589,6 +1604,7 @@ def t4(**kwargs: Any) -> FakeNvml:
         minor=0,
         numa=None,
         mig=None,
+        compute_capability=(7, 5),
         nvlinks=None,
     )
     return FakeNvml([gpu], **kwargs)

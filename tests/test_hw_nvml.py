@@ -65,6 +65,7 @@ def expected_dgx_a100() -> list[GpuInfo]:
             nvlink_peers=tuple(NvLinkPeer(UUIDS[j], 12) for j in range(8) if j != i),
             pcie_switch=None,
             lost=False,
+            compute_capability=(8, 0),
         )
         for i in range(8)
     ]
@@ -253,6 +254,7 @@ def test_t4_without_mig_nvlink_or_numa(fake_nvml, backends):
             numa_node=None,
             mig=MIG_UNSUPPORTED,
             nvlink_peers=(),
+            compute_capability=(7, 5),
         )
     ]
     # NOT_SUPPORTED on link 0 means no NVLink at all: the other 35 links are not asked.
@@ -262,6 +264,14 @@ def test_t4_without_mig_nvlink_or_numa(fake_nvml, backends):
 def test_numa_call_missing_from_an_old_driver(fake_nvml, backends):
     fake_nvml(dgx_a100(absent={"nvmlDeviceGetNumaNodeId"}))
     assert [gpu.numa_node for gpu in backends().gpus()] == [None] * 8
+
+
+def test_compute_capability_unknown_to_the_driver_is_none(fake_nvml, backends):
+    # Node labels omit the GPU family then (as GPU Feature Discovery does for major 0); the
+    # inventory itself must not fail over it.
+    fake = dgx_a100(absent={"nvmlDeviceGetCudaComputeCapability"})
+    fake_nvml(fake)
+    assert [gpu.compute_capability for gpu in backends().gpus()] == [None] * 8
 
 
 def test_memory_not_supported_does_not_fail_the_inventory(fake_nvml, backends):

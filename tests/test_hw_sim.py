@@ -122,19 +122,25 @@ def test_pcie_boards_without_mig_or_nvlink(
 
 
 @pytest.mark.parametrize(
-    ("key", "name", "pci_device_id", "memory_mib", "mig"),
+    ("key", "name", "pci_device_id", "memory_mib", "mig", "capability"),
     [
-        ("a100-40gb", "NVIDIA A100-SXM4-40GB", 0x20B010DE, 40960, True),
-        ("a100-80gb", "NVIDIA A100-SXM4-80GB", 0x20B210DE, 81920, True),
-        ("h100-80gb", "NVIDIA H100 80GB HBM3", 0x233010DE, 81559, True),
-        ("h200", "NVIDIA H200", 0x233510DE, 143771, True),
-        ("a30", "NVIDIA A30", 0x20B710DE, 24576, True),
-        ("l4", "NVIDIA L4", 0x27B810DE, 23034, False),
-        ("t4", "Tesla T4", 0x1EB810DE, 15360, False),
+        ("a100-40gb", "NVIDIA A100-SXM4-40GB", 0x20B010DE, 40960, True, (8, 0)),
+        ("a100-80gb", "NVIDIA A100-SXM4-80GB", 0x20B210DE, 81920, True, (8, 0)),
+        ("h100-80gb", "NVIDIA H100 80GB HBM3", 0x233010DE, 81559, True, (9, 0)),
+        ("h200", "NVIDIA H200", 0x233510DE, 143771, True, (9, 0)),
+        ("a30", "NVIDIA A30", 0x20B710DE, 24576, True, (8, 0)),
+        ("l4", "NVIDIA L4", 0x27B810DE, 23034, False, (8, 9)),
+        ("t4", "Tesla T4", 0x1EB810DE, 15360, False, (7, 5)),
     ],
 )
 def test_model_facts_are_what_nvml_reports(
-    key: str, name: str, pci_device_id: int, memory_mib: int, mig: bool
+    tmp_path: Path,
+    key: str,
+    name: str,
+    pci_device_id: int,
+    memory_mib: int,
+    mig: bool,
+    capability: tuple[int, int],
 ) -> None:
     model = MODELS[key]
 
@@ -144,6 +150,8 @@ def test_model_facts_are_what_nvml_reports(
         memory_mib,
     )
     assert model.mig_capable is mig
+    # nvmlDeviceGetCudaComputeCapability's answer, which the GPU family label comes from.
+    assert {gpu.compute_capability for gpu in gpus_of(f"{key}:1", tmp_path)} == {capability}
 
 
 def test_mig_families_name_entries_of_the_profile_reference() -> None:

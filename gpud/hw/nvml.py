@@ -427,6 +427,7 @@ class _Board:
     minor: int = -1
     numa: int | None = None
     mig: MigState = MIG_UNSUPPORTED
+    compute_capability: tuple[int, int] | None = None
     direct_links: dict[_PciKey, int] = field(default_factory=dict)
     switch_links: int = 0
     lost: bool = False
@@ -603,6 +604,14 @@ class NvmlBackend:
                     f"{where}: read MIG mode", pynvml.nvmlDeviceGetMigMode, handle, absent=_ABSENT
                 )
             )
+            capability = _nvml(
+                f"{where}: read compute capability",
+                pynvml.nvmlDeviceGetCudaComputeCapability,
+                handle,
+                absent=_ABSENT,
+            )
+            if capability is not None:
+                board.compute_capability = (capability[0], capability[1])
             board.direct_links, board.switch_links = self._read_nvlinks(where, handle)
         except HwError as err:
             if err.kind is not ErrorKind.GPU_IS_LOST:
@@ -697,6 +706,7 @@ class NvmlBackend:
             mig=board.mig,
             nvlink_peers=() if board.lost else peers,
             lost=board.lost,
+            compute_capability=board.compute_capability,
         )
 
     # ---- events --------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ class GpuInfo:
     pcie_switch: str | None = None
     # NVML answered GPU_IS_LOST for this board: it fell off the bus and needs a reset or reboot.
     lost: bool = False
+    # CUDA compute capability (major, minor), e.g. (8, 0) for an A100; None when NVML cannot tell.
+    # Node labels derive the GPU family from it, as GPU Feature Discovery does.
+    compute_capability: tuple[int, int] | None = None
 
     @property
     def device_path(self) -> str:

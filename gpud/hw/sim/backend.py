@@ -85,6 +85,7 @@ def describe(machine: MachineSpec, gpus: tuple[GpuState, ...]) -> list[GpuInfo]:
             ),
             pcie_switch=slot.pcie_switch,
             lost=gpu.lost,
+            compute_capability=slot.model.compute_capability,
         )
         for index, (slot, gpu) in enumerate(zip(machine.gpus, gpus, strict=True))
     ]

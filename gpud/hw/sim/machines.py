@@ -36,6 +36,8 @@ class GpuModel:
     mig_family: str | None
     nvlink: bool
     nvswitch_links: int = 0
+    # CUDA compute capability, as nvmlDeviceGetCudaComputeCapability reports it.
+    compute_capability: tuple[int, int] | None = None
 
     @property
     def mig_capable(self) -> bool:
@@ -45,13 +47,19 @@ class GpuModel:
 MODELS: Mapping[str, GpuModel] = {
     model.key: model
     for model in (
-        GpuModel("a100-40gb", "NVIDIA A100-SXM4-40GB", 0x20B010DE, 40960, "A100-40GB", True, 12),
-        GpuModel("a100-80gb", "NVIDIA A100-SXM4-80GB", 0x20B210DE, 81920, "A100-80GB", True, 12),
-        GpuModel("h100-80gb", "NVIDIA H100 80GB HBM3", 0x233010DE, 81559, "H100-80GB", True, 18),
-        GpuModel("h200", "NVIDIA H200", 0x233510DE, 143771, "H200-141GB", True, 18),
-        GpuModel("a30", "NVIDIA A30", 0x20B710DE, 24576, "A30-24GB", True),
-        GpuModel("l4", "NVIDIA L4", 0x27B810DE, 23034, None, False),
-        GpuModel("t4", "Tesla T4", 0x1EB810DE, 15360, None, False),
+        GpuModel(
+            "a100-40gb", "NVIDIA A100-SXM4-40GB", 0x20B010DE, 40960, "A100-40GB", True, 12, (8, 0)
+        ),
+        GpuModel(
+            "a100-80gb", "NVIDIA A100-SXM4-80GB", 0x20B210DE, 81920, "A100-80GB", True, 12, (8, 0)
+        ),
+        GpuModel(
+            "h100-80gb", "NVIDIA H100 80GB HBM3", 0x233010DE, 81559, "H100-80GB", True, 18, (9, 0)
+        ),
+        GpuModel("h200", "NVIDIA H200", 0x233510DE, 143771, "H200-141GB", True, 18, (9, 0)),
+        GpuModel("a30", "NVIDIA A30", 0x20B710DE, 24576, "A30-24GB", True, 0, (8, 0)),
+        GpuModel("l4", "NVIDIA L4", 0x27B810DE, 23034, None, False, 0, (8, 9)),
+        GpuModel("t4", "Tesla T4", 0x1EB810DE, 15360, None, False, 0, (7, 5)),
     )
 }
 
