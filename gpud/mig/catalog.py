@@ -9,7 +9,7 @@ before anything is changed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
@@ -18,6 +18,22 @@ from gpud.hw.types import CiProfile, GiProfile, Placement
 # Ampere applies a MIG mode change only after a GPU reset (the mode stays pending until then);
 # Hopper and later switch without one (shared/reference/mig-profiles.md 7.3, unverified there).
 _RESET_FAMILIES = frozenset({"A100-40GB", "A100-80GB", "A30-24GB"})
+
+
+@dataclass(frozen=True, slots=True)
+class MigAttributes:
+    """What NVML's ``nvmlDeviceGetAttributes`` tells of a MIG device of one profile on one board.
+
+    GPU Feature Discovery labels MIG resources with these. None where the reference has no value
+    (an SM count not observed on that board): the label is then left out rather than guessed.
+    The reference lists no encoder counts, so there are none here.
+    """
+
+    multiprocessors: int | None = None
+    copy_engines: int | None = None
+    decoders: int | None = None
+    jpeg_engines: int | None = None
+    ofa_engines: int | None = None
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,9 @@ class Family:
     # NVML enum value of each profile, by device profile ID (the fake NVML looks profiles up by
     # enum, as nvmlDeviceGetGpuInstanceProfileInfo does).
     enums: dict[int, int]
+    # Per profile name: SMs per board (by PCI device ID) and the engine counts.
+    multiprocessors: dict[str, dict[int, int]] = field(default_factory=dict)
+    engines: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def mode_change_needs_reset(self) -> bool:
@@ -40,6 +59,18 @@ class Family:
             if p.name == name:
                 return p
         return None
+
+    def attributes(self, profile: str, pci_device_id: int) -> MigAttributes:
+        """The attributes of a MIG device spanning a GI of ``profile`` on board ``pci_device_id``;
+        all None for a profile the family lacks."""
+        engines = self.engines.get(profile, {})
+        return MigAttributes(
+            multiprocessors=self.multiprocessors.get(profile, {}).get(pci_device_id),
+            copy_engines=engines.get("copy"),
+            decoders=engines.get("decoder"),
+            jpeg_engines=engines.get("jpeg"),
+            ofa_engines=engines.get("ofa"),
+        )
 
 
 def _ci_name(ci_slices: int, gi: dict[str, object]) -> str:
@@ -77,6 +108,11 @@ def families() -> dict[str, Family]:
             memory_slices=fam["memory_slices"],
             profiles=tuple(profiles),
             enums={p["profile_id"]: p["enum"] for p in fam["profiles"]},
+            multiprocessors={
+                p["name"]: {int(board, 16): n for board, n in p["multiprocessors"].items()}
+                for p in fam["profiles"]
+            },
+            engines={p["name"]: dict(p["engines"]) for p in fam["profiles"]},
         )
     return out
 
