@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", type=Path, help="where gpud keeps state (/var/lib/gpud)")
     run.add_argument("--socket", type=Path, help="control socket (/run/gpud/gpud.sock)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--nfd-dir",
+        type=Path,
+        metavar="DIR",
+        help="NFD's features.d, where gpud publishes node labels "
+        "(/etc/kubernetes/node-feature-discovery/features.d)",
+    )
 
     boot = sub.add_parser(
         "bootstrap",
@@ -89,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         socket=args.socket,
         log_level=args.log_level,
+        nfd_dir=args.nfd_dir,
     )
     try:
         settings = resolve(args.config, overrides)

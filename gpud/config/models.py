@@ -10,10 +10,20 @@ from __future__ import annotations
 import enum
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+
+from gpud.labels.names import static_key_problem, value_problem
 
 DEFAULT_IGNORED_XIDS: tuple[int, ...] = (13, 31, 43, 45, 68, 109)
 """XIDs caused by applications, not by the GPU (the NVIDIA device plugin's list)."""
@@ -238,6 +248,52 @@ class Mig(_Strict):
     layout: str | None = None
 
 
+def _static_label_name(name: str) -> str:
+    problem = static_key_problem(name)
+    if problem:
+        raise ValueError(f"label name {name!r}: {problem}")
+    return name
+
+
+def _static_label_value(value: object) -> object:
+    # YAML reads true, 3 and 1.10 as other types; a label value is a string. Booleans and
+    # integers read back unambiguously, a float may not (1.10 is 1.1): that one must be quoted.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"write the value as a string in quotes (YAML read {value!r})")
+    problem = value_problem(value)
+    if problem:
+        raise ValueError(f"label value {value!r}: {problem}")
+    return value
+
+
+StaticLabelName = Annotated[str, AfterValidator(_static_label_name)]
+StaticLabelValue = Annotated[str, BeforeValidator(_static_label_value)]
+
+
+class Nfd(_Strict):
+    """``labels.nfd``: the NFD local feature file gpud publishes the labels in."""
+
+    # nfd-worker's features.d, which it reads from this fixed path; another one only where NFD's
+    # worker has the host directory mounted elsewhere.
+    directory: Path = Path("/etc/kubernetes/node-feature-discovery/features.d")
+    # Create the directory when it does not exist and write anyway (NFD installed later). Unset,
+    # a node without NFD gets no file.
+    force: bool = False
+
+
+class Labels(_Strict):
+    """``labels``: the node labels gpud publishes (GPU Feature Discovery's, and static ones)."""
+
+    enabled: bool = True
+    # Published as they are, beside GFD's labels, e.g. {accelerator: nvidia}.
+    static: dict[StaticLabelName, StaticLabelValue] = Field(default_factory=dict)
+    nfd: Nfd = Field(default_factory=Nfd)
+
+
 class Toolkit(_Strict):
     """Where ``gpudctl toolkit install`` gets nvidia-container-toolkit when apt does not know it.
 
@@ -305,6 +361,7 @@ class Config(_Strict):
     health: Health = Field(default_factory=Health)
     sharing: Sharing = Field(default_factory=Sharing)
     mig: Mig = Field(default_factory=Mig)
+    labels: Labels = Field(default_factory=Labels)
     toolkit: Toolkit = Field(default_factory=Toolkit)
     driver: Driver = Field(default_factory=Driver)
     apt: Apt = Field(default_factory=Apt)

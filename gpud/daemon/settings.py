@@ -26,6 +26,7 @@ class Overrides:
     state_dir: Path | None = None
     socket: Path | None = None
     log_level: str | None = None
+    nfd_dir: Path | None = None
 
     def apply(self, cfg: Config) -> Config:
         paths = {
@@ -45,6 +46,9 @@ class Overrides:
             top["backend"] = self.backend
         if self.log_level is not None:
             top["log"] = cfg.log.model_copy(update={"level": self.log_level})
+        if self.nfd_dir is not None:
+            nfd = cfg.labels.nfd.model_copy(update={"directory": self.nfd_dir})
+            top["labels"] = cfg.labels.model_copy(update={"nfd": nfd})
         return cfg.model_copy(update=top)
 
 
