@@ -12,6 +12,7 @@ import pytest
 from gpud.cli.gpud_main import build_parser
 from gpud.config.load import ConfigError, parse
 from gpud.daemon.settings import Overrides, resolve
+from gpud.labels.names import computed_by_gpud
 
 GPUD = Path(sys.executable).parent / "gpud"
 
@@ -108,3 +109,24 @@ def test_nfd_dir_flag_wins_over_the_file_at_start_and_reload(tmp_path: Path) -> 
     assert again.config.labels.enabled is False
     # Without the flag, the file decides.
     assert resolve(file, Overrides()).config.labels.nfd.directory == Path("/from/file")
+
+
+@pytest.mark.parametrize(
+    ("name", "computed"),
+    [
+        ("nvidia.com/gpu.product", True),
+        ("nvidia.com/gpu.compute.major", True),
+        ("nvidia.com/gpu.engines.ofa", True),
+        ("nvidia.com/gfd.timestamp", True),
+        ("nvidia.com/mig-3g.40gb.count", True),
+        ("nvidia.com/vgpu.present", True),
+        # The GPU Operator's and other tools' nvidia.com labels are the operator's to set.
+        ("nvidia.com/gpu.present", False),
+        ("nvidia.com/gpu.deploy.dcgm-exporter", False),
+        ("nvidia.com/gpu.workload.config", False),
+        ("nvidia.com/gpu.modeline", False),
+        ("example.com/gpu.product", False),
+    ],
+)
+def test_which_names_gpud_computes(name: str, computed: bool) -> None:
+    assert computed_by_gpud(name) is computed

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gpud.config.models import MigStrategy, ReplicatedResource, Sharing
+from gpud.config.models import MigStrategy, Sharing
 
 DOMAIN = "nvidia.com"
 GPU_RESOURCE = f"{DOMAIN}/gpu"
@@ -199,14 +199,21 @@ def _version_labels(driver: str, cuda: str, warnings: list[str]) -> dict[str, st
 # ---- resources: product, count, replicas, sharing ----------------------------------------------
 
 
-def _replication(sharing: Sharing | None, resource: str) -> ReplicatedResource | None:
-    time_slicing = sharing.time_slicing if sharing is not None else None
-    if time_slicing is None:
-        return None
-    for entry in time_slicing.resources:
+def _replication(sharing: Sharing | None, resource: str) -> tuple[int, bool]:
+    """GFD's replicas for ``resource`` and whether its product takes ``-SHARED``.
+
+    ``sharing`` None is GFD's "sharing disabled" (a MIG-enabled GPU's full-GPU labels):
+    replicas 0. Otherwise the configured count, or 1 for a resource not shared. A replicated
+    resource is marked shared unless renamed: renamed replicas carry their own resource name.
+    """
+    if sharing is None:
+        return 0, False
+    time_slicing = sharing.time_slicing
+    for entry in time_slicing.resources if time_slicing is not None else ():
         if entry.name == resource:
-            return entry
-    return None
+            renamed = entry.rename is not None or time_slicing.rename_by_default
+            return entry.replicas, entry.replicas > 1 and not renamed
+    return 1, False
 
 
 def _resource_labels(
@@ -215,25 +222,11 @@ def _resource_labels(
     count: int,
     sharing: Sharing | None,
 ) -> dict[str, str]:
-    """``<resource>.{product,count,replicas,sharing-strategy}``.
-
-    ``sharing`` None means GFD's "sharing disabled" (a MIG-enabled GPU's full-GPU labels):
-    replicas 0. Otherwise replicas is the configured count, or 1 for a resource not shared.
-    The product gets ``-SHARED`` when replicated and not renamed (renamed replicas already carry
-    their own resource name).
-    """
-    entry = _replication(sharing, resource)
-    replicas = 0 if sharing is None else entry.replicas if entry is not None else 1
+    """``<resource>.{product,count,replicas,sharing-strategy}`` (see :func:`_replication`)."""
+    replicas, shared = _replication(sharing, resource)
     product = "-".join(sanitise(p) for p in parts if p)
-    if entry is not None and entry.replicas > 1:
-        time_slicing = sharing.time_slicing if sharing is not None else None
-        renamed = entry.rename is not None or (
-            time_slicing is not None and time_slicing.rename_by_default
-        )
-        if not renamed:
-            product += "-SHARED"
     return {
-        f"{resource}.product": product,
+        f"{resource}.product": product + ("-SHARED" if shared else ""),
         f"{resource}.count": str(count),
         f"{resource}.replicas": str(replicas),
         f"{resource}.sharing-strategy": "time-slicing" if replicas > 1 else "none",

@@ -114,7 +114,10 @@ def computed_by_gpud(key: str) -> bool:
     if key.startswith(_COMPUTED_PREFIXES):
         return True
     gpu = "nvidia.com/gpu."
-    return key.startswith(gpu) and key[len(gpu) :].startswith(_COMPUTED_GPU)
+    if not key.startswith(gpu):
+        return False
+    rest = key[len(gpu) :]
+    return any(rest.startswith(c) if c.endswith(".") else rest == c for c in _COMPUTED_GPU)
 
 
 def static_key_problem(key: str) -> str:
