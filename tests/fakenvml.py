@@ -67,12 +67,13 @@ import pynvml
 from gpud.hw.types import CiProfile, GiProfile
 from gpud.mig.catalog import Family, family_for
 
-c_int, c_uint, c_ulonglong, c_void_p, c_char = (
+c_int, c_uint, c_ulonglong, c_void_p, c_char, c_double = (
     ctypes.c_int,
     ctypes.c_uint,
     ctypes.c_ulonglong,
     ctypes.c_void_p,
     ctypes.c_char,
+    ctypes.c_double,
 )
 
 
@@ -96,6 +97,7 @@ class Ret(enum.IntEnum):
     LIB_RM_VERSION_MISMATCH = 18
     IN_USE = 19
     INSUFFICIENT_RESOURCES = 23
+    ARGUMENT_VERSION_MISMATCH = 25
     UNKNOWN = 999
 
 
@@ -236,6 +238,111 @@ class ProcessInfo(ctypes.Structure):
     ]
 
 
+class MemoryV2(ctypes.Structure):
+    _fields_ = [
+        ("version", c_uint),
+        ("total", c_ulonglong),
+        ("reserved", c_ulonglong),
+        ("free", c_ulonglong),
+        ("used", c_ulonglong),
+    ]
+
+
+class TemperatureV1(ctypes.Structure):
+    _fields_ = [("version", c_uint), ("sensorType", c_int), ("temperature", c_int)]
+
+
+class Utilization(ctypes.Structure):
+    _fields_ = [("gpu", c_uint), ("memory", c_uint)]
+
+
+class Value(ctypes.Union):
+    _fields_ = [
+        ("dVal", c_double),
+        ("uiVal", c_uint),
+        ("ulVal", ctypes.c_ulong),
+        ("ullVal", c_ulonglong),
+        ("sllVal", ctypes.c_longlong),
+        ("siVal", c_int),
+        ("usVal", ctypes.c_ushort),
+    ]
+
+
+class FieldValue(ctypes.Structure):
+    _fields_ = [
+        ("fieldId", c_uint),
+        ("scopeId", c_uint),
+        ("timestamp", ctypes.c_longlong),
+        ("latencyUsec", ctypes.c_longlong),
+        ("valueType", c_int),
+        ("nvmlReturn", c_int),
+        ("value", Value),
+    ]
+
+
+class GridLicenseExpiry(ctypes.Structure):
+    _fields_ = [
+        ("year", ctypes.c_uint32),
+        ("month", ctypes.c_uint16),
+        ("day", ctypes.c_uint16),
+        ("hour", ctypes.c_uint16),
+        ("min", ctypes.c_uint16),
+        ("sec", ctypes.c_uint16),
+        ("status", ctypes.c_uint8),
+    ]
+
+
+class GridLicensableFeatureV4(ctypes.Structure):
+    _fields_ = [
+        ("featureCode", c_int),
+        ("featureState", c_uint),
+        ("licenseInfo", c_char * 128),
+        ("productName", c_char * 128),
+        ("featureEnabled", c_uint),
+        ("licenseExpiry", GridLicenseExpiry),
+    ]
+
+
+class GridLicensableFeaturesV4(ctypes.Structure):
+    _fields_ = [
+        ("isGridLicenseSupported", c_int),
+        ("licensableFeaturesCount", c_uint),
+        ("gridLicensableFeatures", GridLicensableFeatureV4 * 3),
+    ]
+
+
+class GpmMetricInfo(ctypes.Structure):
+    _fields_ = [("shortName", c_void_p), ("longName", c_void_p), ("unit", c_void_p)]
+
+
+class GpmMetric(ctypes.Structure):
+    _fields_ = [
+        ("metricId", c_uint),
+        ("nvmlReturn", c_int),
+        ("value", c_double),
+        ("metricInfo", GpmMetricInfo),
+    ]
+
+
+# NVML_GPM_METRIC_MAX of the NVML 13 header; the library reads only numMetrics entries, so a
+# caller built against an older header (a smaller array) works the same.
+GPM_METRIC_MAX = 477
+
+
+class GpmMetricsGet(ctypes.Structure):
+    _fields_ = [
+        ("version", c_uint),
+        ("numMetrics", c_uint),
+        ("sample1", c_void_p),
+        ("sample2", c_void_p),
+        ("metrics", GpmMetric * GPM_METRIC_MAX),
+    ]
+
+
+class GpmSupport(ctypes.Structure):
+    _fields_ = [("version", c_uint), ("isSupportedDevice", c_uint)]
+
+
 def _struct_version(struct: type[ctypes.Structure], version: int) -> int:
     """``NVML_STRUCT_VERSION``: the size of the versioned struct with the version in the top byte.
 
@@ -247,6 +354,33 @@ def _struct_version(struct: type[ctypes.Structure], version: int) -> int:
 
 GI_PROFILE_INFO_V2 = _struct_version(GpuInstanceProfileInfoV2, 2)
 CI_PROFILE_INFO_V2 = _struct_version(ComputeInstanceProfileInfoV2, 2)
+MEMORY_V2 = _struct_version(MemoryV2, 2)
+TEMPERATURE_V1 = _struct_version(TemperatureV1, 1)
+GPM_METRICS_GET_VERSION = 1  # nvml.h NVML_GPM_METRICS_GET_VERSION
+GPM_SUPPORT_VERSION = 1  # nvml.h NVML_GPM_SUPPORT_VERSION
+
+# nvmlValueType_t
+VALUE_DOUBLE, VALUE_UINT, VALUE_ULONG, VALUE_ULONGLONG = 0, 1, 2, 3
+
+# Field IDs (nvml.h NVML_FI_DEV_*) the fake answers, and GPM metric IDs (NVML_GPM_METRIC_*).
+FI_MEMORY_TEMP = 82
+FI_TOTAL_ENERGY_CONSUMPTION = 83
+FI_PCIE_REPLAY_COUNTER = 94
+FI_NVLINK_THROUGHPUT_DATA_TX = 138
+FI_NVLINK_THROUGHPUT_DATA_RX = 139
+FI_REMAPPED_COR = 142
+FI_REMAPPED_UNC = 143
+FI_REMAPPED_PENDING = 144
+FI_REMAPPED_FAILURE = 145
+GPM_GRAPHICS_UTIL = 1
+GPM_ANY_TENSOR_UTIL = 5
+GPM_DRAM_BW_UTIL = 10
+GPM_PCIE_TX_PER_SEC = 20
+GPM_PCIE_RX_PER_SEC = 21
+
+CLOCK_GRAPHICS, CLOCK_SM, CLOCK_MEM, CLOCK_VIDEO = 0, 1, 2, 3
+TEMPERATURE_GPU = 0
+GRID_LICENSE_FEATURE_CODE_VGPU = 1
 
 
 @dataclass
@@ -293,6 +427,65 @@ class FakeLink:
 
 
 @dataclass
+class FakeTelemetry:
+    """What a board's sensors and counters read, in NVML's units; ``None`` makes the reading
+    answer ``NOT_SUPPORTED`` (the board does not have it).
+
+    Independent of this, the fake applies NVML's MIG rules (cluster-integration.md §1.4):
+    utilization, encoder and decoder calls answer NOT_SUPPORTED while MIG is on, and the
+    remapped-rows fields while GPU instances exist. ``gpm`` holds what the hardware measured
+    between two GPM samples of the whole GPU, by metric ID (None: no GPM, as before Hopper);
+    ``instance_gpm`` the same per GPU instance. NVLink counters answer NOT_SUPPORTED on a board
+    without NVLink (``FakeGpu.nvlinks`` None).
+    """
+
+    sm_clock_mhz: int = 1410
+    mem_clock_mhz: int = 1215
+    gpu_temp_c: int = 41
+    memory_temp_c: int | None = 47
+    power_mw: int = 254_321
+    energy_mj: int = 98_765_432_100
+    pcie_replays: int = 3
+    gpu_util: int = 67
+    mem_util: int = 31
+    enc_util: int = 0
+    dec_util: int = 5
+    used_mib: int = 20_480
+    reserved_mib: int = 579
+    nvlink_tx_kib: int = 10_000_000
+    nvlink_rx_kib: int = 12_000_000
+    # correctable, uncorrectable, pending, failure
+    remapped: tuple[int, int, int, int] | None = (2, 1, 0, 0)
+    # isGridLicenseSupported (None: the call answers NOT_SUPPORTED), and the vGPU feature's state.
+    grid_license_supported: bool | None = False
+    vgpu_licensed: bool = False
+    gpm: dict[int, float] | None = None
+    instance_gpm: dict[int, dict[int, float]] = field(default_factory=dict)
+    instance_used_mib: dict[int, int] = field(default_factory=dict)
+    instance_reserved_mib: int = 6
+
+
+def hopper_gpm() -> dict[int, float]:
+    """GPM metrics of a busy Hopper board, as NVML reports them (percent, MiB/s)."""
+    return {
+        GPM_GRAPHICS_UTIL: 72.5,
+        GPM_ANY_TENSOR_UTIL: 41.25,
+        GPM_DRAM_BW_UTIL: 55.0,
+        GPM_PCIE_TX_PER_SEC: 1536.0,
+        GPM_PCIE_RX_PER_SEC: 2048.0,
+    }
+
+
+@dataclass(frozen=True)
+class GpmSample:
+    """What one GPM sample buffer holds once taken: whose it is and when (a sequence number)."""
+
+    gpu: int
+    gi: int | None
+    seq: int
+
+
+@dataclass
 class FakeGpu:
     """A physical GPU as the fake driver describes it.
 
@@ -322,6 +515,7 @@ class FakeGpu:
     # activationStatus of nvmlDeviceSetMigMode when nothing holds the board: RESET_REQUIRED models a
     # pass-through VM whose reset the driver cannot trigger.
     activation_status: int = Ret.SUCCESS
+    telemetry: FakeTelemetry = field(default_factory=FakeTelemetry)
 
     @property
     def family(self) -> Family | None:
@@ -364,6 +558,7 @@ _SET_BASE = 0x8000
 _GI_BASE = 0x100000
 _CI_BASE = 0x200000
 _MIG_BASE = 0x300000
+_GPM_BASE = 0x400000
 
 # The MIG calls that change the GPU (the applier counts them); a reset is not an NVML call.
 MIG_MUTATIONS = (
@@ -421,8 +616,13 @@ class FakeNvml:
         self._gi_handles: dict[int, tuple[int, int]] = {}
         self._ci_handles: dict[int, tuple[int, int, int]] = {}
         self._mig_handles: dict[int, tuple[int, int, int]] = {}
-        self._next_handle = {"gi": _GI_BASE, "ci": _CI_BASE, "mig": _MIG_BASE}
+        self._next_handle = {"gi": _GI_BASE, "ci": _CI_BASE, "mig": _MIG_BASE, "gpm": _GPM_BASE}
         self.resets: list[int] = []  # GPU indices reset through reset_gpu(), in order
+        # Wall clock (seconds) behind field-value timestamps; tests set it to step time.
+        self.clock: Callable[[], float] = time.time
+        # GPM sample buffers by handle: None until a sample is taken into it.
+        self.gpm_samples: dict[int, GpmSample | None] = {}
+        self._gpm_seq = 0
         self._lock = threading.RLock()
         self._saved: dict[str, Any] = {}
         self.lib = self._build_lib()
@@ -604,6 +804,23 @@ class FakeNvml:
             "nvmlDeviceGetDeviceHandleFromMigDeviceHandle": (ret, c_void_p, c_void_p),
             "nvmlDeviceGetComputeRunningProcesses_v2": (ret, c_void_p, c_void_p, c_void_p),
             "nvmlDeviceGetComputeRunningProcesses_v3": (ret, c_void_p, c_void_p, c_void_p),
+            # Telemetry (nvml.h "Device Queries", "Field Value Queries", "GPM").
+            "nvmlDeviceGetFieldValues": (ret, c_void_p, c_int, c_void_p),
+            "nvmlDeviceGetClockInfo": (ret, c_void_p, c_uint, c_void_p),
+            "nvmlDeviceGetTemperature": (ret, c_void_p, c_uint, c_void_p),
+            "nvmlDeviceGetTemperatureV": (ret, c_void_p, c_void_p),
+            "nvmlDeviceGetPowerUsage": (ret, c_void_p, c_void_p),
+            "nvmlDeviceGetUtilizationRates": (ret, c_void_p, c_void_p),
+            "nvmlDeviceGetEncoderUtilization": (ret, c_void_p, c_void_p, c_void_p),
+            "nvmlDeviceGetDecoderUtilization": (ret, c_void_p, c_void_p, c_void_p),
+            "nvmlDeviceGetMemoryInfo_v2": (ret, c_void_p, c_void_p),
+            "nvmlDeviceGetGridLicensableFeatures_v4": (ret, c_void_p, c_void_p),
+            "nvmlGpmQueryDeviceSupport": (ret, c_void_p, c_void_p),
+            "nvmlGpmSampleAlloc": (ret, c_void_p),
+            "nvmlGpmSampleFree": (ret, c_void_p),
+            "nvmlGpmSampleGet": (ret, c_void_p, c_void_p),
+            "nvmlGpmMigSampleGet": (ret, c_void_p, c_uint, c_void_p),
+            "nvmlGpmMetricsGet": (ret, c_void_p),
         }
         for name, (restype, *argtypes) in signatures.items():
             if name in self.absent:
@@ -861,6 +1078,270 @@ class FakeNvml:
             return Ret.INVALID_ARGUMENT
         kind = NVLINK_DEVICE_TYPE_SWITCH if found.switch is not None else NVLINK_DEVICE_TYPE_GPU
         return self._put(c_uint, addr, kind)
+
+    # ---- telemetry -------------------------------------------------------------------------------
+
+    def _fields_of(self, gpu: FakeGpu) -> dict[int, tuple[int, float | int] | int]:
+        """Each field ID the fake knows: (value type, value), or the return code it answers."""
+        t = gpu.telemetry
+        nvlink = gpu.nvlinks is not None
+        # "not supported on MIG-enabled GPUs with active instances" (nvmlDeviceGetRemappedRows).
+        remapped = t.remapped if not (gpu.mig_enabled and gpu.gpu_instances) else None
+        fields: dict[int, tuple[int, float | int] | int] = {
+            FI_MEMORY_TEMP: Ret.NOT_SUPPORTED
+            if t.memory_temp_c is None
+            else (VALUE_UINT, t.memory_temp_c),
+            FI_TOTAL_ENERGY_CONSUMPTION: (VALUE_ULONGLONG, t.energy_mj),
+            FI_PCIE_REPLAY_COUNTER: (VALUE_UINT, t.pcie_replays),
+            FI_NVLINK_THROUGHPUT_DATA_TX: (VALUE_ULONGLONG, t.nvlink_tx_kib)
+            if nvlink
+            else Ret.NOT_SUPPORTED,
+            FI_NVLINK_THROUGHPUT_DATA_RX: (VALUE_ULONGLONG, t.nvlink_rx_kib)
+            if nvlink
+            else Ret.NOT_SUPPORTED,
+        }
+        for field_id, slot in (
+            (FI_REMAPPED_COR, 0),
+            (FI_REMAPPED_UNC, 1),
+            (FI_REMAPPED_PENDING, 2),
+            (FI_REMAPPED_FAILURE, 3),
+        ):
+            fields[field_id] = (
+                Ret.NOT_SUPPORTED if remapped is None else (VALUE_UINT, remapped[slot])
+            )
+        return fields
+
+    def _nvmlDeviceGetFieldValues(self, handle: int | None, count: int, addr: int | None) -> int:
+        """Each entry gets its own return code; the call itself succeeds (nvml.h)."""
+        found = self._device_call("nvmlDeviceGetFieldValues", handle)
+        if isinstance(found, int):
+            return found
+        if addr is None or count <= 0:
+            return Ret.INVALID_ARGUMENT
+        fields = self._fields_of(found[1])
+        stamp = int(self.clock() * 1_000_000)
+        for entry in (FieldValue * count).from_address(addr):
+            answer = fields.get(entry.fieldId, Ret.INVALID_ARGUMENT)
+            if entry.fieldId in (FI_NVLINK_THROUGHPUT_DATA_TX, FI_NVLINK_THROUGHPUT_DATA_RX) and (
+                entry.scopeId != NO_INSTANCE
+            ):
+                answer = Ret.INVALID_ARGUMENT  # the fake serves only the sum over all links
+            entry.timestamp, entry.latencyUsec = stamp, 0
+            if isinstance(answer, tuple):
+                entry.nvmlReturn = Ret.SUCCESS
+                entry.valueType, value = answer
+                if entry.valueType == VALUE_DOUBLE:
+                    entry.value.dVal = value
+                elif entry.valueType == VALUE_ULONGLONG:
+                    entry.value.ullVal = int(value)
+                else:
+                    entry.value.uiVal = int(value)
+            else:
+                entry.nvmlReturn = answer
+        return Ret.SUCCESS
+
+    def _nvmlDeviceGetClockInfo(self, handle: int | None, kind: int, addr: int | None) -> int:
+        found = self._device_call("nvmlDeviceGetClockInfo", handle)
+        if isinstance(found, int):
+            return found
+        t = found[1].telemetry
+        clocks = {
+            CLOCK_GRAPHICS: t.sm_clock_mhz,
+            CLOCK_SM: t.sm_clock_mhz,
+            CLOCK_MEM: t.mem_clock_mhz,
+            CLOCK_VIDEO: t.sm_clock_mhz * 9 // 10,
+        }
+        if kind not in clocks:
+            return Ret.INVALID_ARGUMENT
+        return self._put(c_uint, addr, clocks[kind])
+
+    def _nvmlDeviceGetTemperature(self, handle: int | None, sensor: int, addr: int | None) -> int:
+        found = self._device_call("nvmlDeviceGetTemperature", handle)
+        if isinstance(found, int):
+            return found
+        if sensor != TEMPERATURE_GPU:
+            return Ret.INVALID_ARGUMENT
+        return self._put(c_uint, addr, found[1].telemetry.gpu_temp_c)
+
+    def _nvmlDeviceGetTemperatureV(self, handle: int | None, addr: int | None) -> int:
+        found = self._device_call("nvmlDeviceGetTemperatureV", handle)
+        if isinstance(found, int):
+            return found
+        if addr is None:
+            return Ret.INVALID_ARGUMENT
+        info = TemperatureV1.from_address(addr)
+        if info.version != TEMPERATURE_V1:
+            return Ret.ARGUMENT_VERSION_MISMATCH
+        if info.sensorType != TEMPERATURE_GPU:
+            return Ret.INVALID_ARGUMENT
+        info.temperature = found[1].telemetry.gpu_temp_c
+        return Ret.SUCCESS
+
+    def _nvmlDeviceGetPowerUsage(self, handle: int | None, addr: int | None) -> int:
+        found = self._device_call("nvmlDeviceGetPowerUsage", handle)
+        if isinstance(found, int):
+            return found
+        return self._put(c_uint, addr, found[1].telemetry.power_mw)
+
+    def _whole_gpu(self, name: str, handle: int | None) -> tuple[int, FakeGpu] | int:
+        """A GPU handle for a call NVML does not support on MIG-enabled GPUs."""
+        found = self._device_call(name, handle)
+        if isinstance(found, int):
+            return found
+        return Ret.NOT_SUPPORTED if found[1].mig_enabled else found
+
+    def _nvmlDeviceGetUtilizationRates(self, handle: int | None, addr: int | None) -> int:
+        found = self._whole_gpu("nvmlDeviceGetUtilizationRates", handle)
+        if isinstance(found, int):
+            return found
+        if addr is None:
+            return Ret.INVALID_ARGUMENT
+        util = Utilization.from_address(addr)
+        util.gpu, util.memory = found[1].telemetry.gpu_util, found[1].telemetry.mem_util
+        return Ret.SUCCESS
+
+    def _codec(self, name: str, handle: int | None, util: int | None, period: int | None) -> int:
+        found = self._whole_gpu(name, handle)
+        if isinstance(found, int):
+            return found
+        t = found[1].telemetry
+        self._put(c_uint, period, 167_000)
+        return self._put(c_uint, util, t.enc_util if "Encoder" in name else t.dec_util)
+
+    def _nvmlDeviceGetEncoderUtilization(
+        self, handle: int | None, util: int | None, period: int | None
+    ) -> int:
+        return self._codec("nvmlDeviceGetEncoderUtilization", handle, util, period)
+
+    def _nvmlDeviceGetDecoderUtilization(
+        self, handle: int | None, util: int | None, period: int | None
+    ) -> int:
+        return self._codec("nvmlDeviceGetDecoderUtilization", handle, util, period)
+
+    def _nvmlDeviceGetMemoryInfo_v2(self, handle: int | None, addr: int | None) -> int:
+        """A GPU's memory, or on a MIG device handle its GPU instance's (what DCGM reads)."""
+        found = self._any_device("nvmlDeviceGetMemoryInfo_v2", handle)
+        if isinstance(found, int):
+            return found
+        if addr is None:
+            return Ret.INVALID_ARGUMENT
+        mem = MemoryV2.from_address(addr)
+        if mem.version != MEMORY_V2:
+            return Ret.ARGUMENT_VERSION_MISMATCH
+        _, gpu, ci = found
+        t = gpu.telemetry
+        if ci is None:
+            total, used, reserved = gpu.memory_mib, t.used_mib, t.reserved_mib
+        else:
+            gi_id = self._mig_handles[ci.mig_handle][1]
+            family, gi = gpu.family, gpu.gpu_instances[gi_id]
+            profile = self._gi_profile(gpu, gi.profile_id)
+            assert family is not None and profile is not None
+            total = self._memory_mib(family, profile)
+            used, reserved = t.instance_used_mib.get(gi_id, 0), t.instance_reserved_mib
+        mem.total, mem.used, mem.reserved = total * 2**20, used * 2**20, reserved * 2**20
+        mem.free = mem.total - mem.used - mem.reserved
+        return Ret.SUCCESS
+
+    def _nvmlDeviceGetGridLicensableFeatures_v4(self, handle: int | None, addr: int | None) -> int:
+        found = self._device_call("nvmlDeviceGetGridLicensableFeatures_v4", handle)
+        if isinstance(found, int):
+            return found
+        t = found[1].telemetry
+        if t.grid_license_supported is None:
+            return Ret.NOT_SUPPORTED
+        if addr is None:
+            return Ret.INVALID_ARGUMENT
+        info = GridLicensableFeaturesV4.from_address(addr)
+        info.isGridLicenseSupported = int(t.grid_license_supported)
+        info.licensableFeaturesCount = 1 if t.grid_license_supported else 0
+        feature = info.gridLicensableFeatures[0]
+        feature.featureCode = GRID_LICENSE_FEATURE_CODE_VGPU
+        feature.featureState = 1 if t.vgpu_licensed else 0
+        return Ret.SUCCESS
+
+    # ---- GPM -------------------------------------------------------------------------------------
+
+    def _nvmlGpmQueryDeviceSupport(self, handle: int | None, addr: int | None) -> int:
+        found = self._device_call("nvmlGpmQueryDeviceSupport", handle)
+        if isinstance(found, int):
+            return found
+        if addr is None:
+            return Ret.INVALID_ARGUMENT
+        support = GpmSupport.from_address(addr)
+        if support.version != GPM_SUPPORT_VERSION:
+            return Ret.ARGUMENT_VERSION_MISMATCH
+        support.isSupportedDevice = 0 if found[1].telemetry.gpm is None else 1
+        return Ret.SUCCESS
+
+    def _nvmlGpmSampleAlloc(self, out: int | None) -> int:
+        if not self.init_count:
+            return Ret.UNINITIALIZED
+        with self._lock:
+            handle = self._new_handle("gpm")
+            self.gpm_samples[handle] = None
+        return self._put(c_void_p, out, handle)
+
+    def _nvmlGpmSampleFree(self, sample: int | None) -> int:
+        if not self.init_count:
+            return Ret.UNINITIALIZED
+        with self._lock:
+            if sample not in self.gpm_samples:
+                return Ret.INVALID_ARGUMENT
+            del self.gpm_samples[sample]
+        return Ret.SUCCESS
+
+    def _take_sample(
+        self, name: str, handle: int | None, gi: int | None, sample: int | None
+    ) -> int:
+        found = self._device_call(name, handle)
+        if isinstance(found, int):
+            return found
+        index, gpu = found
+        if gpu.telemetry.gpm is None:
+            return Ret.NOT_SUPPORTED
+        if sample not in self.gpm_samples:
+            return Ret.INVALID_ARGUMENT
+        if gi is not None and not (gpu.mig_enabled and gi in gpu.gpu_instances):
+            return Ret.INVALID_ARGUMENT
+        with self._lock:
+            self._gpm_seq += 1
+            self.gpm_samples[sample] = GpmSample(index, gi, self._gpm_seq)
+        return Ret.SUCCESS
+
+    def _nvmlGpmSampleGet(self, handle: int | None, sample: int | None) -> int:
+        return self._take_sample("nvmlGpmSampleGet", handle, None, sample)
+
+    def _nvmlGpmMigSampleGet(self, handle: int | None, gi: int, sample: int | None) -> int:
+        return self._take_sample("nvmlGpmMigSampleGet", handle, gi, sample)
+
+    def _nvmlGpmMetricsGet(self, addr: int | None) -> int:
+        """Metrics between two samples of the same GPU (or instance), the later one second."""
+        if not self.init_count:
+            return Ret.UNINITIALIZED
+        if addr is None:
+            return Ret.INVALID_ARGUMENT
+        request = GpmMetricsGet.from_address(addr)
+        if request.version != GPM_METRICS_GET_VERSION:
+            return Ret.ARGUMENT_VERSION_MISMATCH
+        first = self.gpm_samples.get(request.sample1)
+        second = self.gpm_samples.get(request.sample2)
+        if (
+            first is None
+            or second is None
+            or (first.gpu, first.gi) != (second.gpu, second.gi)
+            or first.seq >= second.seq
+            or not 0 < request.numMetrics <= GPM_METRIC_MAX
+        ):
+            return Ret.INVALID_ARGUMENT
+        t = self.gpus[second.gpu].telemetry
+        measured = (t.gpm or {}) if second.gi is None else t.instance_gpm.get(second.gi, {})
+        for metric in request.metrics[: request.numMetrics]:
+            if metric.metricId in measured:
+                metric.nvmlReturn, metric.value = Ret.SUCCESS, measured[metric.metricId]
+            else:
+                metric.nvmlReturn = Ret.NOT_SUPPORTED
+        return Ret.SUCCESS
 
     # ---- events --------------------------------------------------------------------------------
 
@@ -1592,8 +2073,48 @@ def dgx_a100(**kwargs: Any) -> FakeNvml:
     return FakeNvml(gpus, switches=DGX_A100_SWITCHES, **kwargs)
 
 
+DGX_H100_BUS_IDS = [
+    f"00000000:{bus:02X}:00.0" for bus in (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
+]
+
+
+def h100_telemetry() -> FakeTelemetry:
+    """An H100 SXM at work: Hopper, so GPM answers; HBM3, so memory temperature too."""
+    return FakeTelemetry(
+        sm_clock_mhz=1980,
+        mem_clock_mhz=2619,
+        gpu_temp_c=52,
+        memory_temp_c=61,
+        power_mw=512_345,
+        used_mib=40_000,
+        reserved_mib=612,
+        gpm=hopper_gpm(),
+    )
+
+
+def dgx_h100(**kwargs: Any) -> FakeNvml:
+    """Eight H100 80GB HBM3 on NVSwitches (18 NVLinks each), with GPM."""
+    gpus = [
+        FakeGpu(
+            uuid=f"GPU-{index:x}2b3c4d5-6e7f-8091-a2b3-c4d5e6f7a8{index:02x}",
+            name="NVIDIA H100 80GB HBM3",
+            bus_id=bus,
+            pci_device_id=0x233010DE,
+            pci_subsystem_id=0x16C110DE,
+            memory_mib=81559,
+            minor=index,
+            numa=0 if index < 4 else 1,
+            nvlinks=[FakeLink(switch=link % 4) for link in range(18)],
+            telemetry=h100_telemetry(),
+        )
+        for index, bus in enumerate(DGX_H100_BUS_IDS)
+    ]
+    return FakeNvml(gpus, switches=DGX_A100_SWITCHES[:4], **kwargs)
+
+
 def t4(**kwargs: Any) -> FakeNvml:
-    """One Tesla T4: no MIG, no NVLink, no NUMA affinity reported (single socket / VM)."""
+    """One Tesla T4: no MIG, no NVLink, no NUMA affinity reported (single socket / VM); GDDR6,
+    so no memory temperature; Turing, so no row remapping and no GPM."""
     gpu = FakeGpu(
         uuid="GPU-9c2b5f0e-1d3a-4b6c-8e7f-0a1b2c3d4e5f",
         name="Tesla T4",
@@ -1606,5 +2127,15 @@ def t4(**kwargs: Any) -> FakeNvml:
         mig=None,
         compute_capability=(7, 5),
         nvlinks=None,
+        telemetry=FakeTelemetry(
+            sm_clock_mhz=1590,
+            mem_clock_mhz=5000,
+            gpu_temp_c=38,
+            memory_temp_c=None,
+            power_mw=27_891,
+            used_mib=2_048,
+            reserved_mib=250,
+            remapped=None,
+        ),
     )
     return FakeNvml([gpu], **kwargs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from gpud.hw.telemetry import GpuReading
 from gpud.hw.types import (
     NO_INSTANCE,
     ComputeInstance,
@@ -74,6 +75,19 @@ class Backend(Protocol):
         """Begin delivering XID and GPU-lost events to ``sink`` until ``close``."""
         ...
 
+    def read_telemetry(self, index: int) -> GpuReading:
+        """Everything :mod:`gpud.hw.telemetry` lists for GPU ``index`` (and its MIG instances),
+        read now, for a scrape.
+
+        Safe to call from any thread (a scrape thread, ``asyncio.to_thread``) and concurrently
+        with other calls; it never blocks on events or MIG changes longer than one NVML call.
+        A value NVML does not support is None, never 0; rates are None on the first read and
+        come from the previous read after that. A lost GPU gives ``lost=True``; HwError only
+        when the backend cannot be asked at all (not open, NVML released during a GPU reset,
+        no such index).
+        """
+        ...
+
 
 @runtime_checkable
 class FaultInjector(Protocol):
@@ -87,6 +101,28 @@ class FaultInjector(Protocol):
         ...
 
     def inject_gpu_lost(self, index: int) -> HwEvent: ...
+
+
+@runtime_checkable
+class LoadSimulator(Protocol):
+    """Only the simulated backend lets a load be set, for rehearsals and tests."""
+
+    def set_load(
+        self,
+        index: int,
+        gi_id: int | None = None,
+        *,
+        utilization_pct: float | None = None,
+        memory_used_mib: int | None = None,
+        automatic: bool = False,
+    ) -> str:
+        """Set the load of GPU ``index`` (MIG off) or of its GPU instance ``gi_id``.
+
+        Values not given keep their setting; ``automatic`` first returns both to the built-in
+        pattern that moves over time. Returns the setting now in effect, in words.
+        INVALID_ARGUMENT for an unknown GPU or instance, a value out of range, or nothing to set.
+        """
+        ...
 
 
 @runtime_checkable

@@ -1,6 +1,7 @@
 """The real hardware backend, over NVML through pynvml.
 
-This is the only module that imports pynvml, so a node without the driver (the normal state before
+This module and :mod:`gpud.hw.nvml_telemetry` (the scrape-time readings it delegates to) are the
+only ones that import pynvml, so a node without the driver (the normal state before
 ``gpud bootstrap``) never pays for it, and everything NVML-specific — return codes, handles, event
 sets — stops here. Above this module a GPU is a :class:`~gpud.hw.types.GpuInfo` and a failure an
 :class:`~gpud.hw.errors.HwError`.
@@ -17,18 +18,21 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pynvml
 
 from gpud.hw.backend import DriverSignals, EventSink
 from gpud.hw.errors import UNAVAILABLE_ADVICE, BackendUnavailable, ErrorKind, HwError
+from gpud.hw.nvml_telemetry import NvmlTelemetry
+from gpud.hw.telemetry import GpuReading
 from gpud.hw.types import (
     MIG_UNSUPPORTED,
     CiProfile,
@@ -51,6 +55,7 @@ from gpud.mig.catalog import family_for
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _MIB = 1024 * 1024
 
@@ -433,6 +438,23 @@ class _Board:
     lost: bool = False
 
 
+def _changes_layout(
+    method: Callable[Concatenate[NvmlBackend, int, P], T],
+) -> Callable[Concatenate[NvmlBackend, int, P], T]:
+    """A MIG call on GPU ``index``: telemetry forgets that GPU's handles, MIG devices and GPM
+    samples before and after it, so no read in between keeps what the call changed."""
+
+    @functools.wraps(method)
+    def call(self: NvmlBackend, index: int, *args: P.args, **kwargs: P.kwargs) -> T:
+        self._telemetry.invalidate(index)
+        try:
+            return method(self, index, *args, **kwargs)
+        finally:
+            self._telemetry.invalidate(index)
+
+    return call
+
+
 @dataclass(frozen=True)
 class _Watched:
     """A GPU registered in the event set: its handle, UUID, and the event mask it accepted."""
@@ -480,6 +502,7 @@ class NvmlBackend:
         self._event_set: Any = None
         self._watched: dict[int, _Watched] = {}
         self._reported_lost: set[str] = set()
+        self._telemetry = NvmlTelemetry(lambda index: self._uuid_for(_Board(index)))
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -494,6 +517,7 @@ class NvmlBackend:
             if message is not None:
                 raise BackendUnavailable(kind, message) from err
             raise to_hw_error(err, "initialise NVML") from err
+        self._telemetry.invalidate()
         self._open = True
 
     def close(self) -> None:
@@ -509,6 +533,7 @@ class NvmlBackend:
             self._event_set = None
             self._watched = {}
         if self._open:
+            self._telemetry.release()  # GPM samples are NVML's memory: freed before shutdown
             self._open = False
             try:
                 pynvml.nvmlShutdown()
@@ -708,6 +733,13 @@ class NvmlBackend:
             lost=board.lost,
             compute_capability=board.compute_capability,
         )
+
+    # ---- telemetry -----------------------------------------------------------------------------
+
+    def read_telemetry(self, index: int) -> GpuReading:
+        """See :mod:`gpud.hw.nvml_telemetry` for the calls a read makes and what it keeps."""
+        self._require_open()
+        return self._telemetry.read(index)
 
     # ---- events --------------------------------------------------------------------------------
 
@@ -926,6 +958,8 @@ class NvmlBackend:
         slices, profile ID), which is the catalog's too; GIs by ``gi_id``, CIs by ``ci_id``.
         """
         where, handle = self._device(index)
+        # gpud reads the layout again: so does telemetry, at its next read.
+        self._telemetry.invalidate()
         uuid = _required(f"{where}: read UUID", pynvml.nvmlDeviceGetUUID, handle)
         pci = _required(f"{where}: read PCI info", pynvml.nvmlDeviceGetPciInfo, handle)
         mode = self._read_mig_mode(where, handle)
@@ -976,6 +1010,7 @@ class NvmlBackend:
             instances=tuple(sorted(instances, key=lambda g: g.gi_id)),
         )
 
+    @_changes_layout
     def set_mig_mode(self, index: int, enabled: bool) -> MigState:
         """``nvmlDeviceSetMigMode``, then the mode read back (pending on Ampere until a reset).
 
@@ -990,6 +1025,7 @@ class NvmlBackend:
         where, handle = self._device(index)  # the call may have re-bound the board
         return self._read_mig_mode(where, handle)
 
+    @_changes_layout
     def reset_gpu(self, index: int) -> MigState:
         """Reset the GPU with ``nvidia-smi -r -i <bus id>`` (NVML has no reset call).
 
@@ -1052,6 +1088,7 @@ class NvmlBackend:
                 f"{where}: `{command}` failed (exit status {done.returncode}): {output}",
             )
 
+    @_changes_layout
     def create_gpu_instance(self, index: int, profile_id: int, placement: Placement) -> GpuInstance:
         """``nvmlDeviceCreateGpuInstanceWithPlacement``; ``profile_id`` is the device profile ID."""
         where, handle = self._device(index)
@@ -1065,6 +1102,7 @@ class NvmlBackend:
         )
         return _gpu_instance(where, gi)
 
+    @_changes_layout
     def create_compute_instance(
         self, index: int, gi_id: int, ci_profile_id: int
     ) -> ComputeInstance:
@@ -1096,6 +1134,7 @@ class NvmlBackend:
             mig_uuid=_uuid_of(where, uuids, gi_id, info.id),
         )
 
+    @_changes_layout
     def destroy_compute_instance(self, index: int, gi_id: int, ci_id: int) -> None:
         where, handle = self._device(index)
         gi = _find_gpu_instance(where, handle, gi_id)
@@ -1103,6 +1142,7 @@ class NvmlBackend:
         ci = _required(f"{what}: find", pynvml.nvmlGpuInstanceGetComputeInstanceById, gi, ci_id)
         _required(f"{what}: destroy", pynvml.nvmlComputeInstanceDestroy, ci)
 
+    @_changes_layout
     def destroy_gpu_instance(self, index: int, gi_id: int) -> None:
         where, handle = self._device(index)
         what = f"{where}: GPU instance {gi_id}"
