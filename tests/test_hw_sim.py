@@ -298,8 +298,9 @@ def test_state_file_is_versioned_json_and_leaves_no_temp_files(tmp_path: Path) -
     backend.inject_gpu_lost(1)
 
     document = json.loads(backend.state_path.read_text())
+    loads = [gpu.pop("load") for gpu in document["gpus"]]
     assert document == {
-        "version": 2,
+        "version": 3,
         "spec": "t4:2",
         "gpus": [
             {
@@ -312,6 +313,10 @@ def test_state_file_is_versioned_json_and_leaves_no_temp_files(tmp_path: Path) -
         ],
         "faults": {"fail_after": None, "crash_after": None, "processes": []},
     }
+    for load in loads:  # counters from when the machine was created, under the moving load
+        assert load["checkpoint"]["energy_mj"] == load["checkpoint"]["activity"] == 0
+        assert load["whole"] == {"utilization_pct": None, "memory_used_mib": None}
+        assert load["instances"] == []
     assert [p.name for p in (tmp_path / "sim").iterdir()] == ["t4_2.json"]
 
 
@@ -333,8 +338,8 @@ def corrupt(document: dict, change: str) -> object:
         return None
     if change == "a list":
         return [document]
-    if change == "version 3":
-        return {**document, "version": 3}
+    if change == "version 4":
+        return {**document, "version": 4}
     if change == "version true":
         return {**document, "version": True}
     if change == "other spec":
@@ -362,7 +367,7 @@ def corrupt(document: dict, change: str) -> object:
     [
         "not json",
         "a list",
-        "version 3",
+        "version 4",
         "version true",
         "other spec",
         "a GPU missing",

@@ -807,7 +807,7 @@ def test_version_1_state_is_migrated(tmp_path: Path) -> None:
     assert path.read_text() == json.dumps(old)  # reading alone rewrites nothing
 
     backend.create_gpu_instance(1, P7G, at(0, 8))
-    assert json.loads(path.read_text())["version"] == 2
+    assert json.loads(path.read_text())["version"] == 3
 
 
 def a100_with_layout(tmp_path: Path) -> tuple[Path, dict]:

@@ -12,6 +12,10 @@ driver's state is the moment NVML returns: a gpud killed at any point restarts t
 layout that was acknowledged. Faults armed with :meth:`SimBackend.set_faults` (or
 :func:`write_faults` while gpud is stopped) make the n-th mutation fail or kill the process, and
 list processes that keep instances busy.
+
+Telemetry (:meth:`SimBackend.read_telemetry`) is computed from the time and each GPU's load
+(:mod:`.telemetry`); :meth:`SimBackend.set_load` sets a GPU's or instance's load and, like every
+other change, is on disk before it returns, so a restarted gpud reads the same counters on.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +32,7 @@ from typing import TypeVar
 from gpud.atomic import write_atomic
 from gpud.hw.backend import EventSink
 from gpud.hw.errors import UNAVAILABLE_ADVICE, BackendUnavailable, ErrorKind, HwError
-from gpud.hw.sim import driver, mig, state
+from gpud.hw.sim import driver, mig, state, telemetry
 from gpud.hw.sim.machines import (
     CUDA_VERSION,
     DRIVER_VERSION,
@@ -36,6 +41,7 @@ from gpud.hw.sim.machines import (
     parse_spec,
 )
 from gpud.hw.sim.state import GpuState, SimFaults, SimState
+from gpud.hw.telemetry import GpuReading
 from gpud.hw.types import (
     MIG_UNSUPPORTED,
     NO_INSTANCE,
@@ -107,19 +113,22 @@ def _checked_index(index: int, count: int) -> int:
 
 
 class SimBackend:
-    """A simulated machine; a :class:`gpud.hw.backend.FaultInjector` and a
-    :class:`gpud.hw.backend.MigBackend`.
+    """A simulated machine; a :class:`gpud.hw.backend.FaultInjector`, a
+    :class:`gpud.hw.backend.MigBackend` and a :class:`gpud.hw.backend.LoadSimulator`.
 
     ``spec`` is parsed at construction (ValueError for an unknown machine), so a bad ``simulate:``
     fails while the config is read; the state file is touched only by ``open`` and mutations.
     One re-entrant lock guards the state and event delivery: injections may come from any thread,
     events reach the sink in order and never after ``close`` returns. The sink runs under that
     lock, so it may call back into the backend but must not wait for another thread that does.
+    ``clock`` is the wall clock telemetry runs on (tests step it).
     """
 
     name = "sim"
 
-    def __init__(self, spec: str, state_dir: Path) -> None:
+    def __init__(
+        self, spec: str, state_dir: Path, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.machine = parse_spec(spec)
         self.state_dir = state_dir
         self.state_path = state.state_file(state_dir, self.machine.spec)
@@ -132,6 +141,10 @@ class SimBackend:
         self._profiles: tuple[tuple[GiProfile, ...], ...] = tuple(
             () if family is None else family.profiles for family in self._families
         )
+        self._clock = clock
+        self._boards = tuple(telemetry.BOARDS[slot.model.key] for slot in self.machine.gpus)
+        # The previous read of each GPU, for rates; not kept across a restart, as NVML's aren't.
+        self._samples: dict[int, telemetry.Sample] = {}
 
     def open(self) -> None:
         """Load the machine's state, creating it (new UUIDs) only when there is no state file.
@@ -166,6 +179,7 @@ class SimBackend:
         with self._lock:
             self._state = None
             self._sink = None
+            self._samples.clear()
 
     def system(self) -> SystemInfo:
         with self._lock:
@@ -181,6 +195,124 @@ class SimBackend:
         with self._lock:
             self._require_open()
             self._sink = sink
+
+    # ---- telemetry -----------------------------------------------------------------------------
+
+    def read_telemetry(self, index: int) -> GpuReading:
+        """GPU ``index`` now, as :mod:`.telemetry` computes it; makes no NVML call (0 counted)."""
+        with self._lock:
+            gpus = self._require_open().gpus
+            index = _checked_index(index, len(gpus))
+            gpu = gpus[index]
+            if gpu.lost:
+                self._samples.pop(index, None)
+                return GpuReading(index, gpu.uuid, lost=True)
+            load = gpu.load
+            assert load is not None  # every GPU gets one when the state is loaded
+            slot = self.machine.gpus[index]
+            board = self._boards[index]
+            current = telemetry.sample(
+                index,
+                gpu.uuid,
+                board,
+                slot.model.memory_mib,
+                slot.model.nvlink and bool(slot.nvlink_peers),
+                gpu.mig.current is MigMode.ENABLED,
+                self._parts(index, gpu),
+                load.checkpoint,
+                self._clock(),
+            )
+            previous = self._samples.get(index)
+            self._samples[index] = current
+        return telemetry.reading(board, previous, current)
+
+    def set_load(
+        self,
+        index: int,
+        gi_id: int | None = None,
+        *,
+        utilization_pct: float | None = None,
+        memory_used_mib: int | None = None,
+        automatic: bool = False,
+    ) -> str:
+        """Set GPU ``index``'s load (MIG off), or that of its GPU instance ``gi_id`` (MIG on).
+
+        A value not given keeps its setting; ``automatic`` first returns both to the moving
+        pattern. Persisted before it returns. INVALID_ARGUMENT for an unknown GPU or instance, a
+        whole-GPU load on a MIG GPU (its instances run the load), a value out of range, or
+        nothing to set; GPU_IS_LOST for a lost GPU.
+        """
+        if utilization_pct is None and memory_used_mib is None and not automatic:
+            raise HwError(
+                ErrorKind.INVALID_ARGUMENT,
+                "nothing to set: give a utilization, a memory size, or automatic",
+            )
+        with self._lock:
+            current = self._require_open()
+            index = _checked_index(index, len(current.gpus))
+            gpu = current.gpus[index]
+            if gpu.lost:
+                raise _lost(index)
+            load = gpu.load
+            assert load is not None
+            part = self._part_of(index, gpu, gi_id)
+            base = telemetry.AUTOMATIC if automatic else part.load
+            wanted = replace(
+                base,
+                **({} if utilization_pct is None else {"utilization_pct": utilization_pct}),
+                **({} if memory_used_mib is None else {"memory_used_mib": memory_used_mib}),
+            )
+            problems = telemetry.load_problems(wanted, part)
+            if problems:
+                raise HwError(ErrorKind.INVALID_ARGUMENT, f"GPU {index}: {'; '.join(problems)}")
+            now = self._clock()
+            checkpoint = telemetry.checkpoint_at(
+                self._boards[index], self._parts(index, gpu), load.checkpoint, now
+            )
+            if gi_id is None:
+                updated = replace(load, checkpoint=checkpoint, whole=wanted)
+            else:
+                others = tuple((g, s) for g, s in load.instances if g != gi_id)
+                chosen = () if wanted == telemetry.AUTOMATIC else ((gi_id, wanted),)
+                updated = replace(
+                    load, checkpoint=checkpoint, instances=tuple(sorted(others + chosen))
+                )
+            self._commit(current.with_gpu(index, replace(gpu, load=updated)))
+            return wanted.describe()
+
+    def _parts(self, index: int, gpu: GpuState) -> tuple[telemetry.Part, ...]:
+        assert gpu.load is not None
+        return telemetry.parts(
+            index,
+            self.machine.gpus[index].model.memory_mib,
+            self._boards[index],
+            gpu.mig,
+            gpu.instances,
+            self._families[index],
+            gpu.load,
+        )
+
+    def _part_of(self, index: int, gpu: GpuState, gi_id: int | None) -> telemetry.Part:
+        """What ``set-load`` would change: the GPU, or its instance ``gi_id``."""
+        found = {part.gi_id: part for part in self._parts(index, gpu)}
+        if gi_id in found:
+            return found[gi_id]
+        held = ", ".join(str(gi) for gi in sorted(g for g in found if g is not None))
+        if gi_id is None:
+            raise HwError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"GPU {index} is in MIG mode: its GPU instances run the load; name one with "
+                f"--gi ({held or 'it has none yet'})",
+            )
+        if None in found:
+            raise HwError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"GPU {index} has no GPU instance {gi_id}: MIG is {gpu.mig.describe()}",
+            )
+        raise HwError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"GPU {index} has no GPU instance {gi_id}; it has {held or 'none'}",
+        )
 
     # ---- fault injection -----------------------------------------------------------------------
 
@@ -257,13 +389,24 @@ class SimBackend:
         vanish, processes end and lost GPUs come back; UUIDs stay.
 
         Not an NVML call, so it is not counted as a mutation; armed fail/crash counts are kept.
+        Telemetry counters start from zero, as after a driver load; whole-GPU loads stay set.
         """
         with self._lock:
             current = self._require_open()
+            now = self._clock()
             gpus = tuple(
-                GpuState(gpu.uuid, MigState(gpu.mig.pending, gpu.mig.pending))
+                GpuState(
+                    gpu.uuid,
+                    MigState(gpu.mig.pending, gpu.mig.pending),
+                    # The driver loads afresh: counters start again; instance loads went with them.
+                    load=telemetry.GpuLoad(
+                        telemetry.Checkpoint(now),
+                        whole=gpu.load.whole if gpu.load else telemetry.AUTOMATIC,
+                    ),
+                )
                 for gpu in current.gpus
             )
+            self._samples.clear()
             self._commit(SimState(gpus, replace(current.faults, processes=())))
 
     # ---- MIG -----------------------------------------------------------------------------------
@@ -385,11 +528,30 @@ class SimBackend:
             except HwError as error:
                 raise HwError(error.kind, f"GPU {index}: {error.args[0]}") from None
             faults, crash = faults.after_mutation()
+            updated = self._relayout(index, gpu, updated)
             self._commit(replace(current.with_gpu(index, updated), faults=faults))
             if crash:
                 # A crash at the worst moment: the change is on disk, the caller never hears of it.
                 os.kill(os.getpid(), signal.SIGKILL)
             return result
+
+    def _relayout(self, index: int, before: GpuState, after: GpuState) -> GpuState:
+        """``after`` with its load carried over from ``before``: when what runs on the GPU
+        changed (MIG mode, instances), the counters are checkpointed under the old layout, loads
+        of instances that are gone are dropped, and the previous read no longer counts."""
+        load = before.load
+        assert load is not None
+        if (before.mig.current, before.instances) == (after.mig.current, after.instances):
+            return replace(after, load=load)
+        checkpoint = telemetry.checkpoint_at(
+            self._boards[index], self._parts(index, before), load.checkpoint, self._clock()
+        )
+        existing = {gi.gi_id for gi in after.instances}
+        kept = tuple((gi, s) for gi, s in load.instances if gi in existing)
+        activity = tuple((gi, a) for gi, a in checkpoint.instance_activity if gi in existing)
+        checkpoint = replace(checkpoint, instance_activity=activity)
+        self._samples.pop(index, None)
+        return replace(after, load=replace(load, checkpoint=checkpoint, instances=kept))
 
     def _mig_index(self, index: int, gpus: tuple[GpuState, ...]) -> int:
         index = _checked_index(index, len(gpus))
@@ -404,8 +566,9 @@ class SimBackend:
         path = self.state_path
         try:
             data = path.read_bytes()
+            written = path.stat().st_mtime
         except FileNotFoundError:
-            fresh = state.initial_state(self.machine)
+            fresh = state.initial_state(self.machine, self._clock())
             self._save(fresh, BackendUnavailable)
             return fresh
         except OSError as error:
@@ -413,13 +576,22 @@ class SimBackend:
                 _os_error_kind(error), f"cannot read simulated GPU state {path}: {error}"
             ) from error
         try:
-            return state.decode(self.machine, data)
+            decoded = state.decode(self.machine, data)
         except ValueError as error:
             raise BackendUnavailable(
                 ErrorKind.INVALID_ARGUMENT,
                 f"simulated GPU state {path} is unusable: {error}. Move it away to start "
                 f"{self.machine.spec} afresh (its GPUs then get new UUIDs)",
             ) from error
+        # A file from before loads were kept: counters run from when it was last written, the
+        # same on every start until the next change writes them down.
+        return replace(
+            decoded,
+            gpus=tuple(
+                gpu if gpu.load is not None else replace(gpu, load=telemetry.fresh(written))
+                for gpu in decoded.gpus
+            ),
+        )
 
     def _save(self, sim: SimState, error_type: type[HwError] = HwError) -> None:
         try:

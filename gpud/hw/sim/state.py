@@ -9,6 +9,7 @@ Encoding and decoding are pure; the backend writes the file with :func:`gpud.ato
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from gpud.hw.sim import mig
 from gpud.hw.sim.machines import MachineSpec
+from gpud.hw.sim.telemetry import AUTOMATIC, BOARDS, Checkpoint, GpuLoad, Load, load_problems, parts
 from gpud.hw.types import (
     MIG_UNSUPPORTED,
     ComputeInstance,
@@ -27,12 +29,13 @@ from gpud.hw.types import (
 )
 from gpud.mig.catalog import Family, family_for
 
-STATE_VERSION = 2
-"""Version 2 added MIG instances and persisted faults. A version 1 file (MIG mode only) is read as
-having neither and is rewritten as version 2 by the next change: refusing it would make the
-operator move it away, and with it every GPU's UUID."""
+STATE_VERSION = 3
+"""Version 2 added MIG instances and persisted faults, version 3 each GPU's load and telemetry
+checkpoint. An older file is read as having none of what came later and is rewritten as the
+current version by the next change: refusing it would make the operator move it away, and with it
+every GPU's UUID."""
 
-_READABLE_VERSIONS = (1, STATE_VERSION)
+_READABLE_VERSIONS = (1, 2, STATE_VERSION)
 
 GPU_UUID = re.compile(r"GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 """NVIDIA's GPU UUID form, as NVML prints it."""
@@ -46,13 +49,16 @@ class GpuState:
 
     ``instances`` are the GPU instances (with their compute instances) in the current MIG mode,
     sorted by ``gi_id``; they are kept across a gpud restart, as a driver keeps them, and vanish
-    only with a GPU reset or a power cycle.
+    only with a GPU reset or a power cycle. ``load`` is what ``set-load`` asked and where the
+    counters stood at the last change (:mod:`gpud.hw.sim.telemetry`); None in a file written
+    before loads were kept, until the backend gives it one.
     """
 
     uuid: str
     mig: MigState
     lost: bool = False
     instances: tuple[GpuInstance, ...] = ()
+    load: GpuLoad | None = None
 
 
 SimProcess = tuple[int, int, str | None]
@@ -123,13 +129,17 @@ def new_gpu_uuid() -> str:
     return f"GPU-{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
-def initial_state(machine: MachineSpec) -> SimState:
-    """A machine as first powered on: fresh UUIDs, MIG off where the board has it, nothing lost,
-    no instances, no faults."""
+def initial_state(machine: MachineSpec, at_s: float) -> SimState:
+    """A machine as first powered on at ``at_s``: fresh UUIDs, MIG off where the board has it,
+    nothing lost, no instances, no faults, counters from zero under the moving load."""
     off = MigState(MigMode.DISABLED, MigMode.DISABLED)
     return SimState(
         tuple(
-            GpuState(new_gpu_uuid(), off if slot.model.mig_capable else MIG_UNSUPPORTED)
+            GpuState(
+                new_gpu_uuid(),
+                off if slot.model.mig_capable else MIG_UNSUPPORTED,
+                load=GpuLoad(Checkpoint(at_s)),
+            )
             for slot in machine.gpus
         )
     )
@@ -175,6 +185,7 @@ def encode(machine: MachineSpec, sim: SimState) -> bytes:
                 "mig_mode": {"current": gpu.mig.current.value, "pending": gpu.mig.pending.value},
                 "lost": gpu.lost,
                 "gpu_instances": [_encode_gi(gi) for gi in gpu.instances],
+                **({} if gpu.load is None else {"load": _encode_load(gpu.load)}),
             }
             for gpu in sim.gpus
         ],
@@ -209,6 +220,29 @@ def _encode_gi(gi: GpuInstance) -> dict[str, object]:
     }
 
 
+def _encode_setting(load: Load) -> dict[str, object]:
+    return {"utilization_pct": load.utilization_pct, "memory_used_mib": load.memory_used_mib}
+
+
+def _encode_load(load: GpuLoad) -> dict[str, object]:
+    point = load.checkpoint
+    return {
+        "checkpoint": {
+            "at_s": point.at_s,
+            "energy_mj": point.energy_mj,
+            "activity": point.activity,
+            "lag_pct": point.lag_pct,
+            "instance_activity": [
+                {"gi_id": gi_id, "activity": value} for gi_id, value in point.instance_activity
+            ],
+        },
+        "whole": _encode_setting(load.whole),
+        "instances": [
+            {"gi_id": gi_id, **_encode_setting(setting)} for gi_id, setting in load.instances
+        ],
+    }
+
+
 def decode(machine: MachineSpec, data: bytes) -> SimState:
     """The state in ``data``, checked against ``machine``; ValueError says what does not fit.
 
@@ -235,6 +269,13 @@ def decode(machine: MachineSpec, data: bytes) -> SimState:
             zip(entries, machine.gpus, families(machine), strict=True)
         )
     )
+    for index, (gpu, slot, family) in enumerate(
+        zip(gpus, machine.gpus, families(machine), strict=True)
+    ):
+        if gpu.load is not None:
+            problems = _load_fit(index, slot.model.key, slot.model.memory_mib, gpu, family)
+            if problems:
+                raise ValueError(f"GPU {index}: unusable load: {'; '.join(problems)}")
     if len({gpu.uuid for gpu in gpus}) != len(gpus):
         raise ValueError("two GPUs share a UUID")
     uuids = [uuid for gpu in gpus for uuid in mig.mig_uuids(gpu.instances)]
@@ -297,7 +338,81 @@ def _decode_gpu(
         problems = mig.layout_problems(family, instances)
         if problems:
             raise ValueError(f"GPU {index}: impossible MIG layout: {'; '.join(problems)}")
-    return GpuState(uuid, mig_state, lost, instances)
+    load = None
+    if version >= 3 and "load" in entry:
+        load = _decode_load(f"GPU {index}", entry["load"])
+    return GpuState(uuid, mig_state, lost, instances, load)
+
+
+def _number(entry: dict[str, object], key: str, where: str, least: float = 0.0) -> float:
+    value = entry.get(key)
+    if not (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= least
+    ):
+        raise ValueError(f"{where}: {key!r} must be a number >= {least:g}, got {value!r}")
+    return float(value)
+
+
+def _decode_setting(entry: dict[str, object], where: str) -> Load:
+    util, memory = entry.get("utilization_pct"), entry.get("memory_used_mib")
+    if util is not None and (isinstance(util, bool) or not isinstance(util, (int, float))):
+        raise ValueError(f"{where}: 'utilization_pct' must be a number or null, got {util!r}")
+    if memory is not None and not _is_int(memory):
+        raise ValueError(f"{where}: 'memory_used_mib' must be an integer or null, got {memory!r}")
+    return Load(util, memory)  # type: ignore[arg-type]
+
+
+def _decode_load(where: str, entry: object) -> GpuLoad:
+    where = f"{where}, load"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: not a JSON object: {entry!r}")
+    point, whole, instances = entry.get("checkpoint"), entry.get("whole"), entry.get("instances")
+    if not isinstance(point, dict) or not isinstance(whole, dict):
+        raise ValueError(f"{where}: 'checkpoint' and 'whole' must be objects")
+    if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
+        raise ValueError(f"{where}: 'instances' must be a list of objects, got {instances!r}")
+    activities = point.get("instance_activity")
+    if not isinstance(activities, list) or not all(isinstance(a, dict) for a in activities):
+        raise ValueError(f"{where}: 'instance_activity' must be a list of objects")
+    lag = _number(point, "lag_pct", where)
+    if lag > 100:
+        raise ValueError(f"{where}: 'lag_pct' must be at most 100, got {lag!r}")
+    checkpoint = Checkpoint(
+        at_s=_number(point, "at_s", where),
+        energy_mj=_number(point, "energy_mj", where),
+        activity=_number(point, "activity", where),
+        lag_pct=lag,
+        instance_activity=tuple(
+            (_field(a, "gi_id", where), _number(a, "activity", where)) for a in activities
+        ),
+    )
+    settings = tuple(
+        (_field(i, "gi_id", where), _decode_setting(i, f"{where}, GPU instance {i.get('gi_id')}"))
+        for i in instances
+    )
+    return GpuLoad(checkpoint, _decode_setting(whole, where), settings)
+
+
+def _load_fit(
+    index: int, model: str, memory_mib: int, gpu: GpuState, family: Family | None
+) -> list[str]:
+    """Why ``gpu``'s load does not fit its board and layout; empty when it does."""
+    assert gpu.load is not None
+    found = parts(index, memory_mib, BOARDS[model], gpu.mig, gpu.instances, family, gpu.load)
+    problems = [p for part in found for p in load_problems(part.load, part)]
+    if gpu.load.whole != AUTOMATIC and not any(part.gi_id is None for part in found):
+        whole_parts = parts(index, memory_mib, BOARDS[model], MIG_UNSUPPORTED, (), None, gpu.load)
+        problems += load_problems(gpu.load.whole, whole_parts[0])
+    existing = {gi.gi_id for gi in gpu.instances}
+    problems += [
+        f"a load for GPU instance {gi_id}, which does not exist"
+        for gi_id, _ in gpu.load.instances
+        if gi_id not in existing
+    ]
+    return problems
 
 
 def _decode_gi(where: str, entry: object, family: Family) -> GpuInstance:
