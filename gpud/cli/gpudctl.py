@@ -179,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--pid", type=int, required=True)
     proc.add_argument("--mig", metavar="MIG-UUID", default="", help="on this MIG device")
     proc.add_argument("--remove", action="store_true", help="the process has exited")
+    load = gsub.add_parser(
+        "set-load", help="set a simulated GPU's or MIG instance's load (what telemetry reads)"
+    )
+    load.add_argument("--gpu", type=int, required=True, metavar="INDEX")
+    load.add_argument("--gi", type=int, metavar="ID", help="this GPU instance (MIG mode)")
+    load.add_argument("--util", type=float, metavar="PCT", help="utilization, 0-100")
+    load.add_argument("--memory-mib", type=int, metavar="MIB", help="memory in use")
+    load.add_argument(
+        "--auto", action="store_true", help="back to the built-in load that moves over time"
+    )
     return p
 
 
@@ -261,6 +271,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         verb = "no longer uses" if args.remove else "now uses"
         print(f"pid {args.pid} {verb} GPU {args.gpu}{' ' + args.mig if args.mig else ''}")
+    elif args.debug_command == "set-load":
+        _set_load(args)
     elif args.debug_command == "inject-xid":
         if args.ci is not None and args.gi is None:
             raise Failure("--ci needs --gi: a compute instance is inside a GPU instance", 2)
@@ -283,6 +295,26 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         print(f"GPU {args.gpu} ({reply.uuid}) is now lost")
     return EXIT_OK
+
+
+def _set_load(args: argparse.Namespace) -> None:
+    from gpud._proto.gpud.v1 import gpud_pb2
+
+    if args.util is None and args.memory_mib is None and not args.auto:
+        raise Failure("nothing to set: give --util, --memory-mib or --auto", EXIT_INVALID)
+    reply = _call(
+        args.socket,
+        lambda s: s.SetLoad,
+        gpud_pb2.SetLoadRequest(
+            gpu_index=args.gpu,
+            gi_id=args.gi,
+            utilization_pct=args.util,
+            memory_used_mib=args.memory_mib,
+            automatic=args.auto,
+        ),
+    )
+    where = f"GPU {args.gpu}" + ("" if args.gi is None else f" GPU instance {args.gi}")
+    print(f"{where} ({reply.uuid}): {reply.load}")
 
 
 def _read_layouts(path: str) -> str:

@@ -17,6 +17,7 @@ from gpud._proto.gpud.v1 import gpud_pb2, gpud_pb2_grpc
 from gpud.config.load import ConfigError
 from gpud.daemon.gateway import Gateway, peer_uid
 from gpud.daemon.mig import MigController, Refused, read_selection
+from gpud.daemon.simload import SimLoadServicerMixin
 from gpud.health import unhealthy_reason
 from gpud.hw.backend import FaultInjector
 from gpud.hw.errors import ErrorKind, HwError
@@ -173,7 +174,7 @@ class MigServicerMixin:
         return gpud_pb2.InjectProcessResponse()
 
 
-class ControlServicer(MigServicerMixin, gpud_pb2_grpc.GpudServicer):
+class ControlServicer(MigServicerMixin, SimLoadServicerMixin, gpud_pb2_grpc.GpudServicer):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
 

@@ -273,3 +273,25 @@ class InjectProcessRequest(_message.Message):
 class InjectProcessResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SetLoadRequest(_message.Message):
+    __slots__ = ("gpu_index", "gi_id", "utilization_pct", "memory_used_mib", "automatic")
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    GI_ID_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_PCT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_MIB_FIELD_NUMBER: _ClassVar[int]
+    AUTOMATIC_FIELD_NUMBER: _ClassVar[int]
+    gpu_index: int
+    gi_id: int
+    utilization_pct: float
+    memory_used_mib: int
+    automatic: bool
+    def __init__(self, gpu_index: _Optional[int] = ..., gi_id: _Optional[int] = ..., utilization_pct: _Optional[float] = ..., memory_used_mib: _Optional[int] = ..., automatic: _Optional[bool] = ...) -> None: ...
+
+class SetLoadResponse(_message.Message):
+    __slots__ = ("uuid", "load")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    load: str
+    def __init__(self, uuid: _Optional[str] = ..., load: _Optional[str] = ...) -> None: ...

@@ -79,6 +79,11 @@ class GpudStub:
                 request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessRequest.SerializeToString,
                 response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessResponse.FromString,
                 _registered_method=True)
+        self.SetLoad = channel.unary_unary(
+                '/gpud.v1.Gpud/SetLoad',
+                request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadRequest.SerializeToString,
+                response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadResponse.FromString,
+                _registered_method=True)
 
 
 class GpudServicer:
@@ -139,6 +144,12 @@ class GpudServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetLoad(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GpudServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +197,11 @@ def add_GpudServicer_to_server(servicer, server):
                     servicer.InjectProcess,
                     request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessRequest.FromString,
                     response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessResponse.SerializeToString,
+            ),
+            'SetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLoad,
+                    request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadRequest.FromString,
+                    response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +447,33 @@ class Gpud:
             '/gpud.v1.Gpud/InjectProcess',
             gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessRequest.SerializeToString,
             gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.InjectProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpud.v1.Gpud/SetLoad',
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadRequest.SerializeToString,
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
