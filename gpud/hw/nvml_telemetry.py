@@ -216,17 +216,22 @@ class NvmlTelemetry:
     # ---- reading -------------------------------------------------------------------------------
 
     def read(self, index: int) -> GpuReading:
-        gpu = self._gpu(index)
         read = _Read(f"GPU {index}")
-        with gpu.lock:
-            try:
-                return self._read(index, gpu, read)
-            except _Lost:
-                device, gpu.device = gpu.device, None
-                uuid = device.uuid if device is not None else self._uuid_when_lost(index)
-                return GpuReading(
-                    index, uuid, lost=True, nvml_calls=read.calls, errors=tuple(read.errors)
-                )
+        while True:
+            gpu = self._gpu(index)
+            with gpu.lock:
+                # A release() while this read waited orphans ``gpu``: samples allocated into it
+                # would never be freed, so read into the current one.
+                if self._gpus.get(index) is not gpu:
+                    continue
+                try:
+                    return self._read(index, gpu, read)
+                except _Lost:
+                    device, gpu.device = gpu.device, None
+                    uuid = device.uuid if device is not None else self._uuid_when_lost(index)
+                    return GpuReading(
+                        index, uuid, lost=True, nvml_calls=read.calls, errors=tuple(read.errors)
+                    )
 
     def _read(self, index: int, gpu: _Gpu, read: _Read) -> GpuReading:
         device = self._device(index, gpu, read)
