@@ -22,7 +22,7 @@ import pynvml
 import pytest
 
 from gpud.config.models import BackendKind
-from gpud.daemon.daemon import Daemon
+from gpud.daemon.compose import compose
 from gpud.daemon.settings import Overrides, resolve
 from gpud.host.cdi import read_spec
 from gpud.hw.backend import DriverSignals
@@ -80,7 +80,7 @@ class Scene:
         driver = DriverSignals("nvidia", self.dev, "nvidiactl")
         extra = {} if command_runner is None else {"command_runner": command_runner}
         backend = NvmlBackend(event_wait_ms=50, driver=driver, **extra)
-        self.daemon = Daemon(settings, backend, cdi_spec=self.cdi_spec)
+        self.daemon = compose(settings, backend, cdi_spec=self.cdi_spec)
         self.kubelet = FakeKubelet(root / "kubelet")
 
     def with_nvidia_ctk(self, monkeypatch: pytest.MonkeyPatch) -> None:

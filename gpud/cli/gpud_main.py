@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     from gpud.config.load import ConfigError
     from gpud.config.models import BackendKind
     from gpud.daemon import logs
-    from gpud.daemon.daemon import Daemon
+    from gpud.daemon.compose import compose
     from gpud.daemon.gateway import SocketInUse
     from gpud.daemon.settings import Overrides, resolve
     from gpud.hw.select import make_backend
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"gpud: {exc}", file=sys.stderr)
         return EXIT_INVALID
     try:
-        return asyncio.run(Daemon(settings, backend).run())
+        return asyncio.run(compose(settings, backend).run())
     except SocketInUse as exc:
         print(f"gpud: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -7,7 +7,9 @@ from it, so both always say the same thing.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from gpud._proto.gpud.v1 import gpud_pb2
@@ -56,6 +58,26 @@ def status_dict(st: gpud_pb2.Status) -> dict[str, Any]:
             }
             for p in st.plugins
         ],
+        "publishers": [publisher_dict(p) for p in st.publishers],
+    }
+
+
+def _iso(unix: float) -> str | None:
+    """RFC 3339 UTC for a Unix time, None for 0 (not set)."""
+    if not unix:
+        return None
+    return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
+
+
+def publisher_dict(p: gpud_pb2.Publisher) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "state": p.state,
+        "since": _iso(p.since_unix),
+        "error": p.error,
+        "failures": p.failures,
+        "next_retry": _iso(p.retry_at_unix),
+        "detail": p.detail,
     }
 
 
@@ -118,7 +140,36 @@ def status_table(st: dict[str, Any]) -> str:
         )
     else:
         lines.append("no device plugins running")
+    if st["publishers"]:
+        lines += ["", publisher_table(st["publishers"])]
     return "\n".join(lines)
+
+
+def _ago(iso: str | None, now: float) -> str:
+    if iso is None:
+        return "-"
+    seconds = max(0, round(now - datetime.fromisoformat(iso).timestamp()))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def publisher_table(publishers: Sequence[dict[str, Any]], now: float | None = None) -> str:
+    """One line per audience of the node state; a degraded one says why and when it retries."""
+    now = time.time() if now is None else now
+    rows = []
+    for p in publishers:
+        state = p["state"]
+        if p["error"]:
+            notes = [f"{p['failures']} failed"] if p["failures"] else []
+            if p["next_retry"] is not None:
+                due = max(0, round(datetime.fromisoformat(p["next_retry"]).timestamp() - now))
+                notes.append(f"retry in {due}s")
+            state += (f" ({', '.join(notes)})" if notes else "") + f": {p['error']}"
+        rows.append([p["name"], _ago(p["since"], now), p["detail"], state])
+    return table(["PUBLISHER", "SINCE", "DETAIL", "STATE"], rows)
 
 
 def render(data: object, fmt: str, as_table: str) -> str:

@@ -2,9 +2,13 @@
 
 Triggers (start-up, a hardware event, ``set-healthy``, a config reload, kubelet restarting, the
 GPU driver arriving after gpud started) only change the desired state and ask for a pass;
-:meth:`Daemon._reconcile_once` then derives the resource sets from that state and makes the
-plugins match. Hardware events arrive on NVML's thread and are handed to the loop with
-``call_soon_threadsafe``, so state is only ever touched from the loop's thread.
+:meth:`Daemon._reconcile_once` then derives the resource sets from that state and publishes a
+:class:`~gpud.node.state.NodeState` snapshot. Its audiences (kubelet's device plugins, the
+control API, metrics, labels) are publishers (:mod:`gpud.node.hub`) that the daemon knows only
+by that protocol; what they ask of it comes back through the request door it implements
+(:class:`gpud.node.requests.NodeRequests`). Hardware events arrive on NVML's thread and are
+handed to the loop with ``call_soon_threadsafe``, so state is only ever touched from the loop's
+thread.
 """
 
 from __future__ import annotations
@@ -12,31 +16,42 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import signal
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 from gpud import __version__
 from gpud.config.load import ConfigError
-from gpud.config.models import DeviceListStrategy
-from gpud.daemon.gateway import Gateway
-from gpud.daemon.mig import MigController, Node, Refused, read_selection
+from gpud.config.models import Config, DeviceListStrategy
+from gpud.daemon.mig import MigController, Node, read_selection
 from gpud.daemon.notify import Notifier
 from gpud.daemon.settings import Settings
-from gpud.deviceplugin.manager import PluginManager
-from gpud.deviceplugin.servicer import Snapshot
-from gpud.deviceplugin.watcher import KubeletDirWatcher
 from gpud.health import XidPolicy, initial_reasons, unhealthy_reason
 from gpud.host import cdi
 from gpud.hw.backend import Backend, MigBackend
 from gpud.hw.errors import BackendUnavailable, HwError
-from gpud.hw.types import NO_INSTANCE, EventKind, GpuInfo, HwEvent, SystemInfo
-from gpud.mig.store import MigStore, StoreCorrupt
-from gpud.resources.allocate import CONTROL_DEVICE_PATHS
+from gpud.hw.types import NO_INSTANCE, EventKind, GpuInfo, HwEvent, MigLayoutState, SystemInfo
+from gpud.mig.store import MigStore, Selection, StoreCorrupt
+from gpud.node.derive import device_states, health_changes, mig_layouts, sharing_state
+from gpud.node.events import (
+    BackendLost,
+    BackendOpened,
+    ConfigReloaded,
+    MigLayoutApplied,
+    MigLayoutFailed,
+    MigLayoutRefused,
+    NodeEvent,
+    PluginRegistered,
+    XidSeen,
+)
+from gpud.node.hub import Publishers
+from gpud.node.requests import MigRequest, Outcome, Refused, Unavailable
+from gpud.node.state import MigLayout, MigStatus, NodeState, PluginStatus, SharingState, XidRecord
+from gpud.node.stats import NodeStats
 from gpud.resources.mig import caps_reader, mig_uuids_for_event
 from gpud.resources.sets import StrategyError, build_resource_sets, still_present
-from gpud.resources.topology import Topology
+from gpud.resources.types import ResourceSet
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +60,11 @@ _CDI_STRATEGIES = frozenset({DeviceListStrategy.CDI_ANNOTATIONS, DeviceListStrat
 
 
 class Daemon:
-    """``cdi_spec`` is where the NVIDIA CDI spec is (re)generated."""
+    """The reconcile loop and the request door of :class:`~gpud.node.requests.NodeRequests`.
+
+    ``cdi_spec`` is where the NVIDIA CDI spec is (re)generated. Publishers are added to
+    :attr:`publishers` before :meth:`run` (see :mod:`gpud.daemon.compose`).
+    """
 
     def __init__(
         self, settings: Settings, backend: Backend, *, cdi_spec: Path = cdi.DEFAULT_OUTPUT
@@ -59,10 +78,8 @@ class Daemon:
         self.gpus: tuple[GpuInfo, ...] = ()
         self.reasons: dict[str, str] = {}
         self.policy = XidPolicy.from_config(settings.config.health)
-        self.manager = PluginManager(settings.kubelet_dir)
         self.notifier = Notifier()
-        self._topology = Topology.from_gpus(())
-        self._control_devices: tuple[str, ...] = ()
+        self.stats = NodeStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dirty = asyncio.Event()
         self._next_pass: asyncio.Future[None] | None = None
@@ -71,6 +88,17 @@ class Daemon:
         self.withdrawn: frozenset[str] = frozenset()
         self.resource_error = ""
         self._warned: tuple[str, ...] = ()
+        # What the last pass decided to advertise; kept when the next cannot decide.
+        self._advertised: tuple[ResourceSet, ...] = ()
+        self._last_xid: dict[str, XidRecord] = {}
+        # What the kubelet link last reported, and an event set whenever it reports.
+        self._plugins: tuple[PluginStatus, ...] = ()
+        self._plugins_reported = asyncio.Event()
+        # Events waiting for the next snapshot, which will already reflect them.
+        self._pending: list[NodeEvent] = []
+        self._mig_status: MigStatus | None = None
+        self._layouts: tuple[dict[int, MigLayoutState] | None, tuple[MigLayout, ...]] = (None, ())
+        self._sharing: tuple[Config | None, SharingState] = (None, SharingState())
         self._caps = caps_reader()
         # Set while the backend has no driver: the task that opens it when the driver arrives.
         self._driver_wait: asyncio.Task[None] | None = None
@@ -87,8 +115,12 @@ class Daemon:
                 withdraw=self._withdraw,
                 refreshed=self._refresh_inventory,
                 layout_changed=self._refresh_cdi,
+                finished=self._mig_finished,
             )
             self.mig = MigController(backend, MigStore(settings.config.paths.state_dir), node)
+            self._mig_status = MigStatus()
+        self._published: NodeState | None = None
+        self.publishers = Publishers(self._derive(), self, self.stats)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -99,23 +131,15 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_logged()))
 
-        from gpud.daemon.api import serve_api
-
-        gateway = Gateway(
-            self.settings.config.paths.socket, self.settings.config.paths.socket_group
-        )
-        api_server = await serve_api(self, gateway)
+        # The control API first (a second gpud stops here), kubelet's link armed before anything
+        # is advertised: both are publishers, started in the order they were added.
+        await self.publishers.start()
         await self._open_backend(in_thread=False)
-
-        watcher = KubeletDirWatcher(
-            self.settings.kubelet_dir, self._kubelet_started, self.manager.socket_removed
-        )
-        tasks = [loop.create_task(watcher.run()), loop.create_task(self._reconcile_loop())]
+        tasks = [loop.create_task(self._reconcile_loop())]
         for warning in self.settings.warnings:
             log.warning("%s", warning)
         await self._recover_mig()
         await self._ensure_cdi_spec()
-        await watcher.armed.wait()
         await self.reconcile()
         self.notifier.ready(self._status_line())
         self.notifier.start_watchdog(loop)
@@ -131,9 +155,7 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.manager.stop()
-        await api_server.stop(grace=0.5)
-        await gateway.stop()
+        await self.publishers.stop()
         self.backend.close()
         return 0
 
@@ -159,6 +181,7 @@ class Daemon:
             return system, gpus
 
         gpus: tuple[GpuInfo, ...] = ()
+        before = self.backend_error
         try:
             if in_thread:
                 self.system, gpus = await asyncio.to_thread(open_and_read)
@@ -178,6 +201,12 @@ class Daemon:
         if quiet and self.backend_error:
             log.debug("backend not usable yet: %s", self.backend_error)
         self._set_inventory(gpus)
+        now = time.time()
+        if not self.backend_error:
+            self._note(BackendOpened(now, self.system, len(gpus)))
+        elif not before:
+            self._note(BackendLost(now, self.backend.name, self.backend_error))
+        self._publish()
         return self.backend_error
 
     def _await_driver(self) -> None:
@@ -248,6 +277,8 @@ class Daemon:
         self.notifier.status("restoring the MIG layout before advertising any device")
         try:
             await self.mig.read_states()
+            self._read_mig_status()
+            self._publish()
             mig_cfg = self.settings.config.mig
             configured = None
             if mig_cfg.layout:
@@ -257,6 +288,7 @@ class Daemon:
             log.error("MIG layout not restored at start: %s", exc)
         finally:
             self.mig.recovered.set()
+            self._read_mig_status()
 
     def _kubelet_found(self) -> Path | None:
         """kubelet's device-plugin or pod-resources directory when either exists: kubelet is
@@ -268,10 +300,25 @@ class Daemon:
 
     async def _withdraw(self, gpu_uuids: frozenset[str]) -> None:
         self.withdrawn = gpu_uuids
+        self._read_mig_status()
         await self.reconcile()
         if not gpu_uuids:
             # The MIG change is over: report it once kubelet knows any new resources.
-            await self.manager.wait_registrations(timeout=5.0)
+            await self._registrations_settled(timeout=5.0)
+
+    async def _registrations_settled(self, timeout: float) -> None:
+        """Wait up to ``timeout`` until the kubelet link reports no registration in flight, so
+        that a caller who changed the resources answers once kubelet knows them; a kubelet that
+        is slow or away does not hold the caller longer (the registrations go on)."""
+        deadline = time.monotonic() + timeout
+        while any(p.registering for p in self._plugins):
+            self._plugins_reported.clear()
+            try:
+                await asyncio.wait_for(
+                    self._plugins_reported.wait(), max(0.0, deadline - time.monotonic())
+                )
+            except asyncio.TimeoutError:
+                return
 
     async def _refresh_cdi(self, after: str = "the MIG change") -> None:
         """Regenerate the CDI spec: MIG device names in it follow the layout, and the spec lives
@@ -325,8 +372,6 @@ class Daemon:
             for ci in gi.compute_instances
         }
         self.reasons = initial_reasons(gpus, self.reasons, mig_uuids)
-        self._topology = Topology.from_gpus(gpus)
-        self._control_devices = tuple(p for p in CONTROL_DEVICE_PATHS if os.path.exists(p))
         for gpu in gpus:
             if gpu.uuid in self.reasons:
                 log.warning(
@@ -361,7 +406,10 @@ class Daemon:
 
     async def _reconcile_once(self) -> None:
         if self.mig is not None and not self.mig.recovered.is_set():
-            return  # nothing is advertised before the MIG layout is restored (see run)
+            # Nothing new is advertised before the MIG layout is restored (see run); the
+            # snapshot still shows the GPUs and the health meanwhile.
+            self._publish()
+            return
         cfg = self.settings.config
         unhealthy = dict(self.reasons)
         for uuid in self.withdrawn:
@@ -382,34 +430,136 @@ class Daemon:
             self.resource_error = str(exc)
             # Keep what kubelet has rather than take everything away, but not the devices that
             # are gone: kubelet would hand a destroyed instance's ID to the next pod.
-            current = self.manager.snapshots()
-            kept = still_present(
-                (s.resources for s in current.values()), self.gpus, states, unhealthy
-            )
-            await self.manager.apply(
-                {r.resource: dataclasses.replace(current[r.resource], resources=r) for r in kept}
-            )
+            self._advertised = still_present(self._advertised, self.gpus, states, unhealthy)
+            self._publish()
+            await self.publishers.delivered()
             return
         self.resource_error = ""
         if built.warnings != self._warned:
             for warning in built.warnings:
                 log.warning("%s", warning)
             self._warned = built.warnings
-        snapshots = {
-            rs.resource: Snapshot(rs, self._topology, cfg.device_plugin, self._control_devices)
-            for rs in built.sets
-        }
-        await self.manager.apply(snapshots)
+        self._advertised = built.sets
+        self._publish()
+        await self.publishers.delivered()
         self.notifier.status(self._status_line())
-
-    async def _kubelet_started(self) -> None:
-        await self.manager.resync(kubelet_restarted=True)
 
     def _status_line(self) -> str:
         if self.backend_error:
             return self.backend_error
         healthy = sum(1 for g in self.gpus if g.uuid not in self.reasons)
-        return f"{healthy}/{len(self.gpus)} GPUs healthy, {len(self.manager.statuses())} plugins"
+        return f"{healthy}/{len(self.gpus)} GPUs healthy, {len(self._plugins)} plugins"
+
+    # ---- the snapshot ------------------------------------------------------------------------
+
+    def _note(self, event: NodeEvent) -> None:
+        """Keep ``event`` for the next snapshot, which will reflect it."""
+        self._pending.append(event)
+
+    def _publish(self) -> NodeState:
+        """Derive a snapshot from the state as it is now and hand it, with the events noted
+        since the last one and the health changes between the two, to every publisher."""
+        state = self._derive()
+        events = [*self._pending, *health_changes(self._published, state, time.time())]
+        self._pending.clear()
+        self._published = state
+        self.publishers.publish(state, events)
+        return state
+
+    def _derive(self) -> NodeState:
+        states = self.mig.node.states if self.mig is not None else {}
+        if self._layouts[0] is not states:
+            self._layouts = (states, mig_layouts(states))
+        layouts = () if self.backend_error else self._layouts[1]
+        cfg = self.settings.config
+        if self._sharing[0] is not cfg:
+            self._sharing = (cfg, sharing_state(cfg.sharing))
+        mig_status = self._mig_status
+        if self.mig is not None and mig_status is not None:
+            held_s, held_by = self.mig.longest_hold
+            mig_status = dataclasses.replace(
+                mig_status, lock_longest_held_s=held_s, lock_longest_held_by=held_by
+            )
+        previous = self._published.generation if self._published is not None else 0
+        return NodeState(
+            generation=previous + 1,
+            version=__version__,
+            started=self.started,
+            config=cfg,
+            config_file=self.settings.config_file,
+            kubelet_dir=self.settings.kubelet_dir,
+            pod_resources_socket=self.settings.pod_resources_socket,
+            system=self.system,
+            backend_error=self.backend_error,
+            gpus=self.gpus,
+            unhealthy=MappingProxyType(dict(self.reasons)),
+            devices=device_states(self.gpus, layouts, self.reasons, self.withdrawn, self._last_xid),
+            mig=layouts,
+            mig_status=mig_status,
+            withdrawn=self.withdrawn,
+            resources=self._advertised,
+            resource_error=self.resource_error,
+            resource_warnings=self._warned,
+            sharing=self._sharing[1],
+            plugins=self._plugins,
+        )
+
+    def _read_mig_status(self) -> None:
+        """What the MIG store says about the selected layout and the last apply (small files,
+        read only when an apply or a restore may have changed them)."""
+        if self.mig is None:
+            return
+        store = self.mig.store
+        try:
+            selection, journal = store.selection(), store.journal()
+        except StoreCorrupt as exc:
+            self._mig_status = MigStatus(store_error=str(exc))
+            return
+        status = MigStatus()
+        if selection is not None:
+            status = dataclasses.replace(
+                status, selected=selection.name, selected_source=selection.source
+            )
+        if journal is not None:
+            status = dataclasses.replace(
+                status,
+                last_apply=journal.status,
+                last_layout=journal.selection.name,
+                last_error=journal.error,
+            )
+        self._mig_status = status
+
+    def _mig_finished(
+        self, selection: Selection, dry_run: bool, outcome: Outcome, seconds: float
+    ) -> None:
+        """Count every MIG apply and announce those that changed, failed or were refused."""
+        result = outcome.result
+        if result == "failed":
+            result = "failed" if outcome.error_kind == "error" else outcome.error_kind
+        self.stats.mig_applied(result, seconds, outcome.mutations)
+        now = time.time()
+        gpus = tuple(sorted({s.gpu for s in outcome.steps}))
+        name, source = selection.name, selection.source
+        if outcome.result == "applied":
+            self._note(
+                MigLayoutApplied(
+                    now, name, source, outcome.mutations, seconds, gpus, outcome.message
+                )
+            )
+        elif outcome.result == "failed" and outcome.error_kind == "error":
+            self._note(
+                MigLayoutFailed(
+                    now, name, source, outcome.mutations, seconds, gpus, outcome.message
+                )
+            )
+        elif outcome.result == "failed" and not dry_run:
+            self._note(
+                MigLayoutRefused(
+                    now, name, source, outcome.error_kind, outcome.message, outcome.in_use_by
+                )
+            )
+        self._read_mig_status()
+        self._publish()
 
     # ---- triggers ----------------------------------------------------------------------------
 
@@ -418,32 +568,41 @@ class Daemon:
         self._loop.call_soon_threadsafe(self.handle_event, event)
 
     def handle_event(self, event: HwEvent) -> str | None:
-        """Record what a hardware event means for its GPU; returns the unhealthy reason if any."""
+        """Record what a hardware event means for its GPU; returns the unhealthy reason if any.
+
+        Every XID is recorded as its devices' last (what dcgm-exporter reports) and counted,
+        application XIDs included; only the others take devices out of service.
+        """
         reason = unhealthy_reason(event, self.policy)
         extra = {"GPU_UUID": event.uuid, "XID": event.xid}
+        gpu = next((g for g in self.gpus if g.uuid == event.uuid), None)
+        targets: tuple[str, ...] = (event.uuid,)
+        scoped = event.gi_id != NO_INSTANCE
+        if gpu is not None and scoped:
+            state = self.mig.node.states.get(gpu.index) if self.mig is not None else None
+            targets = (mig_uuids_for_event(state, event.gi_id, event.ci_id) if state else ()) or (
+                event.uuid,
+            )
+        if gpu is not None and event.kind is EventKind.XID:
+            self._record_xid(gpu, event, targets, critical=reason is not None)
         if reason is None:
             log.info("ignored XID %d (application error)", event.xid, extra=extra)
+            if gpu is not None:
+                self._publish()
             return None
-        if event.uuid not in {g.uuid for g in self.gpus}:
+        if gpu is None:
             log.warning("event for unknown GPU: %s", reason, extra=extra)
             return None
         log.error("GPU unhealthy: %s", reason, extra=extra)
-        targets: tuple[str, ...] = (event.uuid,)
-        gpu = next(g for g in self.gpus if g.uuid == event.uuid)
-        if event.gi_id != NO_INSTANCE:
-            state = self.mig.node.states.get(gpu.index) if self.mig is not None else None
-            scoped = mig_uuids_for_event(state, event.gi_id, event.ci_id) if state else ()
-            if scoped:
-                targets = scoped
-            else:
-                log.warning(
-                    "XID %d is scoped to GPU instance %d, which GPU %d does not hold (now); "
-                    "taking the whole GPU out of service",
-                    event.xid,
-                    event.gi_id,
-                    gpu.index,
-                    extra=extra,
-                )
+        if scoped and targets == (event.uuid,):
+            log.warning(
+                "XID %d is scoped to GPU instance %d, which GPU %d does not hold (now); "
+                "taking the whole GPU out of service",
+                event.xid,
+                event.gi_id,
+                gpu.index,
+                extra=extra,
+            )
         for uuid in targets:
             self.reasons[uuid] = reason
         if event.kind is EventKind.GPU_LOST:
@@ -452,6 +611,29 @@ class Daemon:
             )
         self._dirty.set()
         return reason
+
+    def _record_xid(
+        self, gpu: GpuInfo, event: HwEvent, devices: tuple[str, ...], critical: bool
+    ) -> None:
+        now = time.time()
+        record = XidRecord(event.xid, now, critical, event.detail)
+        for uuid in devices:
+            self._last_xid[uuid] = record
+        self.stats.xid_seen(gpu.uuid, event.xid)
+        scoped = event.gi_id != NO_INSTANCE
+        self._note(
+            XidSeen(
+                at=now,
+                gpu_uuid=gpu.uuid,
+                gpu_index=gpu.index,
+                xid=event.xid,
+                devices=devices,
+                critical=critical,
+                gi_id=event.gi_id if scoped else None,
+                ci_id=event.ci_id if scoped and event.ci_id != NO_INSTANCE else None,
+                detail=event.detail,
+            )
+        )
 
     async def set_healthy(self, uuid: str) -> tuple[GpuInfo, str]:
         """Return a GPU (with all its MIG devices) or one MIG device to service; the GPU and what
@@ -498,7 +680,10 @@ class Daemon:
         self.notifier.reloading()
         try:
             fresh = self.settings.reload()
-        except ConfigError:
+        except ConfigError as exc:
+            self.stats.config_reloaded(ok=False)
+            self._note(ConfigReloaded(time.time(), str(self.settings.config_file or ""), str(exc)))
+            self._publish()
             self.notifier.reloaded(self._status_line())
             raise
         old = self.settings
@@ -529,6 +714,8 @@ class Daemon:
         for warning in fresh.warnings:
             log.warning("%s", warning)
         self.policy = XidPolicy.from_config(self.settings.config.health)
+        self.stats.config_reloaded(ok=True)
+        self._note(ConfigReloaded(time.time(), str(fresh.config_file or "")))
         if self.backend_error:
             await self._refresh_device_policy("the configuration reload")
             opened = not await self._driver_arrived("configuration reload", quiet=False)
@@ -545,7 +732,56 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
 
-    # ---- views for the control API -----------------------------------------------------------
+    # ---- the rest of the request door (gpud.node.requests.NodeRequests) ----------------------
 
-    def uptime(self) -> float:
-        return time.monotonic() - self.started
+    def _mig_or_unavailable(self) -> MigController:
+        if self.mig is None or self.backend_error:
+            raise Unavailable(self.backend_error or "this backend cannot do MIG")
+        return self.mig
+
+    def _selection(self, request: MigRequest) -> Selection:
+        return read_selection(
+            request.config_name,
+            request.config_yaml,
+            request.config_source,
+            self.settings.config.mig.config_file,
+        )
+
+    async def apply_mig(self, request: MigRequest) -> Outcome:
+        mig = self._mig_or_unavailable()
+        try:
+            selection = self._selection(request)
+        except Refused as exc:
+            outcome = Outcome("failed", message=str(exc), error_kind=exc.kind)
+            unread = Selection(request.config_name, "", request.config_source)
+            self._mig_finished(unread, request.dry_run, outcome, 0.0)
+            return outcome
+        return await mig.apply(selection, request.dry_run, request.force)
+
+    async def assert_mig(self, request: MigRequest) -> tuple[str, ...]:
+        return await self._mig_or_unavailable().differences(self._selection(request))
+
+    async def refresh_mig(self) -> NodeState:
+        if self.mig is None or self.backend_error:
+            return self.publishers.latest()
+        before = self.mig.node.states
+        after = await self.mig.current_states()
+        self._read_mig_status()
+        if after != before:
+            # Changed behind gpud's back (nvidia-smi): advertise what is there now.
+            await self.reconcile()
+            return self.publishers.latest()
+        return self._publish()
+
+    async def reconciled(self) -> NodeState:
+        await self.reconcile()
+        return self.publishers.latest()
+
+    def plugins_changed(
+        self, plugins: tuple[PluginStatus, ...], registered: tuple[PluginRegistered, ...] = ()
+    ) -> None:
+        self._plugins = plugins
+        for event in registered:
+            self._note(event)
+        self._plugins_reported.set()
+        self._publish()

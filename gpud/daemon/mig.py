@@ -33,6 +33,7 @@ from gpud.mig.fit import TIMES, FitError, ResolvedTarget, product, resolve
 from gpud.mig.layout import GpuTarget, LayoutFile, device_counts, shown
 from gpud.mig.planner import Step, plan
 from gpud.mig.store import Journal, MigStore, Selection
+from gpud.node.requests import Outcome, Refused
 from gpud.resources.sets import single_strategy_problem
 
 log = logging.getLogger(__name__)
@@ -41,33 +42,6 @@ log = logging.getLogger(__name__)
 # waits for it holding the MIG lock.
 PODRESOURCES_TIMEOUT_S = 5.0
 BUNDLED_SOURCE = "gpud's bundled layouts"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What an apply did; ``result`` is applied, unchanged, planned (dry run) or failed."""
-
-    result: str
-    mutations: int = 0
-    steps: tuple[Step, ...] = ()
-    message: str = ""
-    # invalid (the layout is wrong or does not fit), refused (in use), error (a step failed)
-    error_kind: str = ""
-    in_use_by: tuple[str, ...] = ()
-
-
-class Refused(Exception):
-    def __init__(
-        self,
-        message: str,
-        kind: str,
-        in_use_by: Sequence[str] = (),
-        steps: tuple[Step, ...] = (),
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.in_use_by = tuple(in_use_by)
-        self.steps = steps
 
 
 @dataclass
@@ -88,6 +62,8 @@ class Node:
     # Called once after an apply that changed the GPUs (MIG device names in the CDI spec are
     # stale from then on).
     layout_changed: Callable[[], Awaitable[None]]
+    # Told of every apply's outcome (start-up restores and dry runs included) and its wall time.
+    finished: Callable[[Selection, bool, Outcome, float], None] = lambda *_: None
     states: dict[int, MigLayoutState] = field(default_factory=dict)
 
 
@@ -337,19 +313,22 @@ class MigController:
         sender the parse, not every other MIG call a wait. ``forced_by`` says, in the outcome,
         who skipped the checks that ``force`` skips."""
         verb = "dry run" if dry_run else "apply"
+        start = time.monotonic()
         try:
             config = await asyncio.to_thread(parse_selection, selection)
             async with self._locked(f"the {verb} of {shown(selection.name)}"):
-                return await self._apply(selection, config, dry_run, force, forced_by)
+                outcome = await self._apply(selection, config, dry_run, force, forced_by)
         except Refused as exc:
             log.warning("MIG %s of %s refused: %s", verb, shown(selection.name), exc)
-            return Outcome(
+            outcome = Outcome(
                 "failed",
                 steps=exc.steps,
                 message=str(exc),
                 error_kind=exc.kind,
                 in_use_by=exc.in_use_by,
             )
+        self.node.finished(selection, dry_run, outcome, time.monotonic() - start)
+        return outcome
 
     async def _apply(
         self,

@@ -1,8 +1,9 @@
 """The control API's ``SetLoad``: set a simulated GPU's or instance's load (``gpudctl debug
 set-load``).
 
-Kept apart from :mod:`gpud.daemon.api` because it needs nothing of the daemon but its backend:
-the load is the simulated hardware's state, and what reads telemetry sees it at its next read.
+Kept apart from :mod:`gpud.daemon.api` because it needs nothing of the node state, only the
+backend: the load is the simulated hardware's state, and what reads telemetry sees it at its next
+read.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from gpud.hw.backend import LoadSimulator
 from gpud.hw.errors import ErrorKind, HwError
 
 if TYPE_CHECKING:
-    from gpud.daemon.daemon import Daemon
+    from gpud.hw.backend import Backend
 
 
 class SimLoadServicerMixin:
-    """Mixed into the control API's servicer, which provides ``daemon``."""
+    """Mixed into the control API's servicer, which provides ``backend``."""
 
-    daemon: Daemon
+    backend: Backend
 
     async def SetLoad(
         self, request: gpud_pb2.SetLoadRequest, context: grpc.aio.ServicerContext
@@ -34,7 +35,7 @@ class SimLoadServicerMixin:
                 grpc.StatusCode.PERMISSION_DENIED,
                 "debug set-load changes the node and needs root: run it again with sudo",
             )
-        backend = self.daemon.backend
+        backend = self.backend
         if not isinstance(backend, LoadSimulator):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,

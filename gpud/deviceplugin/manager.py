@@ -4,19 +4,27 @@ It also owns the kubelet relationship: when kubelet restarts (it deletes every s
 directory and re-creates ``kubelet.sock``) the affected servers are re-bound and every plugin
 registers again at once. Registration failures are retried with a capped backoff, so a kubelet
 that is down for minutes is picked up either by its socket appearing or by the next retry.
+
+Whenever the plugins' state changes (served, registering, registered, failing) the manager calls
+``report`` with every plugin's status and the registrations kubelet just accepted, and it counts
+registrations in :class:`gpud.node.stats.NodeStats`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
 
-from gpud.deviceplugin.plugin import KUBELET_SOCKET, Plugin, PluginStatus
+from gpud.deviceplugin.plugin import KUBELET_SOCKET, Plugin
 from gpud.deviceplugin.servicer import Snapshot
+from gpud.node.events import PluginRegistered
+from gpud.node.state import PluginStatus
+from gpud.node.stats import NodeStats
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +33,19 @@ RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
 
 
+Report = Callable[[tuple[PluginStatus, ...], tuple[PluginRegistered, ...]], None]
+
+
 class PluginManager:
-    def __init__(self, plugin_dir: Path) -> None:
+    def __init__(self, plugin_dir: Path, stats: NodeStats, report: Report) -> None:
         self.plugin_dir = plugin_dir
+        self._stats = stats
+        self._report = report
         self._plugins: dict[str, Plugin] = {}
         self._registering: dict[str, asyncio.Task[None]] = {}
+        self._reported: tuple[PluginStatus, ...] = ()
+        # Resources kubelet accepted at least once since gpud started.
+        self._registered_once: set[str] = set()
 
     @property
     def kubelet_socket(self) -> Path:
@@ -53,10 +69,11 @@ class PluginManager:
             if plugin is not None:
                 await plugin.servicer.publish(snapshot)
                 continue
-            plugin = Plugin(self.plugin_dir, snapshot)
+            plugin = Plugin(self.plugin_dir, snapshot, self._stats.resource(resource))
             self._plugins[resource] = plugin
             if await self._serve(plugin):
                 self._start_registration(plugin)
+        self._changed()
 
     async def resync(self, kubelet_restarted: bool) -> None:
         """Re-bind lost sockets; register what kubelet lacks (everything after its restart)."""
@@ -69,6 +86,7 @@ class PluginManager:
             if kubelet_restarted or rebound or not plugin.registered:
                 plugin.registered = False
                 self._start_registration(plugin)
+        self._changed()
 
     async def socket_removed(self, name: str) -> None:
         """Someone (kubelet, on restart) removed a socket: re-bind it so it is ready to register."""
@@ -79,6 +97,7 @@ class PluginManager:
                 )
                 self._cancel_registration(plugin.resource)
                 await self._serve(plugin)
+        self._changed()
 
     async def stop(self) -> None:
         for resource in list(self._registering):
@@ -87,12 +106,24 @@ class PluginManager:
             await plugin.stop()
         self._plugins.clear()
 
-    def snapshots(self) -> dict[str, Snapshot]:
-        """What every running plugin serves now."""
-        return {resource: p.servicer.snapshot for resource, p in self._plugins.items()}
+    def statuses(self) -> tuple[PluginStatus, ...]:
+        return tuple(
+            PluginStatus(
+                resource=p.resource,
+                socket=str(p.socket_path),
+                registered=p.registered,
+                registering=p.resource in self._registering,
+                error=p.error,
+            )
+            for p in self._plugins.values()
+        )
 
-    def statuses(self) -> list[PluginStatus]:
-        return [p.status() for p in self._plugins.values()]
+    def _changed(self, *registered: PluginRegistered) -> None:
+        """Report the plugins' state if it changed (or kubelet accepted one)."""
+        statuses = self.statuses()
+        if statuses != self._reported or registered:
+            self._reported = statuses
+            self._report(statuses, registered)
 
     async def _serve(self, plugin: Plugin) -> bool:
         if not self.plugin_dir.is_dir():
@@ -115,6 +146,7 @@ class PluginManager:
     def _forget(self, resource: str, task: asyncio.Task[None]) -> None:
         if self._registering.get(resource) is task:
             del self._registering[resource]
+            self._changed()
 
     def _cancel_registration(self, resource: str) -> None:
         task = self._registering.pop(resource, None)
@@ -132,6 +164,7 @@ class PluginManager:
                 await plugin.register(REGISTER_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 plugin.error = f"registration failed: {exc.code().name}: {exc.details()}"
+                self._changed()
                 log.warning(
                     "%s; retrying in %.0f s",
                     plugin.error,
@@ -145,12 +178,15 @@ class PluginManager:
                 "registered with kubelet",
                 extra={"RESOURCE": plugin.resource, "ENDPOINT": plugin.socket_path.name},
             )
+            again = plugin.resource in self._registered_once
+            self._registered_once.add(plugin.resource)
+            counters = self._stats.resource(plugin.resource)
+            counters.registrations += 1
+            if again:
+                counters.reregistrations += 1
+            # No longer in flight from here: one report says both.
+            if self._registering.get(plugin.resource) is asyncio.current_task():
+                del self._registering[plugin.resource]
+            event = PluginRegistered(time.time(), plugin.resource, plugin.socket_path.name, again)
+            self._changed(event)
             return
-
-    async def wait_registrations(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for the registrations in flight, so that a caller who changed
-        the resources can answer once kubelet knows them; a kubelet that is slow or away does
-        not hold the caller longer (the registrations go on)."""
-        tasks = list(self._registering.values())
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)

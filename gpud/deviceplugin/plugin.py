@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from gpud._proto.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from gpud.deviceplugin.servicer import OPTIONS, PluginServicer, Snapshot
+from gpud.node.stats import ResourceCounters
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +32,12 @@ _DIAL_OPTIONS = [
 ]
 
 
-@dataclass(frozen=True)
-class PluginStatus:
-    resource: str
-    socket: str
-    registered: bool
-    devices: int
-    healthy: int
-    error: str
-
-
 class Plugin:
-    def __init__(self, plugin_dir: Path, snapshot: Snapshot) -> None:
+    def __init__(self, plugin_dir: Path, snapshot: Snapshot, counters: ResourceCounters) -> None:
         self.resource = snapshot.resources.resource
         self.plugin_dir = plugin_dir
         self.socket_path = plugin_dir / snapshot.resources.socket_name
-        self.servicer = PluginServicer(snapshot)
+        self.servicer = PluginServicer(snapshot, counters)
         self.registered = False
         self.error = ""
         self._server: grpc.aio.Server | None = None
@@ -109,14 +99,3 @@ class Plugin:
         if self._server is not None:
             server, self._server, self._inode = self._server, None, None
             await server.stop(grace=None)
-
-    def status(self) -> PluginStatus:
-        rs = self.servicer.snapshot.resources
-        return PluginStatus(
-            resource=self.resource,
-            socket=str(self.socket_path),
-            registered=self.registered,
-            devices=len(rs.devices),
-            healthy=rs.healthy_count,
-            error=self.error,
-        )

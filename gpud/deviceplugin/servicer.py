@@ -15,6 +15,7 @@ import grpc
 
 from gpud._proto.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from gpud.config.models import DevicePlugin
+from gpud.node.stats import ResourceCounters
 from gpud.resources.allocate import AllocationError, container_allocation
 from gpud.resources.preferred import preferred_allocation
 from gpud.resources.topology import Topology
@@ -56,7 +57,10 @@ def list_response(rs: ResourceSet) -> api_pb2.ListAndWatchResponse:
 
 
 class PluginServicer(api_pb2_grpc.DevicePluginServicer):
-    def __init__(self, snapshot: Snapshot) -> None:
+    """``counters`` are the resource's in :class:`gpud.node.stats.NodeStats`, bumped in place."""
+
+    def __init__(self, snapshot: Snapshot, counters: ResourceCounters) -> None:
+        self._counters = counters
         self._snapshot = snapshot
         self._by_id = snapshot.devices()
         self._message = list_response(snapshot.resources)
@@ -129,11 +133,13 @@ class PluginServicer(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.AllocateRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.AllocateResponse:
         snapshot = self._snapshot
+        self._counters.allocate_calls += 1
         responses = []
         for req in request.container_requests:
             try:
                 responses.append(allocate_response(snapshot, req.devices_ids))
             except AllocationError as exc:
+                self._counters.allocate_errors += 1
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return api_pb2.AllocateResponse(container_responses=responses)
 

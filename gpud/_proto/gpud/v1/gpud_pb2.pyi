@@ -54,8 +54,26 @@ class Plugin(_message.Message):
     error: str
     def __init__(self, resource: _Optional[str] = ..., socket: _Optional[str] = ..., registered: _Optional[bool] = ..., devices: _Optional[int] = ..., healthy: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
+class Publisher(_message.Message):
+    __slots__ = ("name", "state", "since_unix", "error", "failures", "retry_at_unix", "detail")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    since_unix: float
+    error: str
+    failures: int
+    retry_at_unix: float
+    detail: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., since_unix: _Optional[float] = ..., error: _Optional[str] = ..., failures: _Optional[int] = ..., retry_at_unix: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class Status(_message.Message):
-    __slots__ = ("version", "backend", "driver_version", "cuda_version", "backend_error", "kubelet_dir", "kubelet_connected", "gpus", "plugins", "config_file", "uptime_s", "resource_error")
+    __slots__ = ("version", "backend", "driver_version", "cuda_version", "backend_error", "kubelet_dir", "kubelet_connected", "gpus", "plugins", "config_file", "uptime_s", "resource_error", "publishers")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DRIVER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +86,7 @@ class Status(_message.Message):
     CONFIG_FILE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     driver_version: str
@@ -80,7 +99,8 @@ class Status(_message.Message):
     config_file: str
     uptime_s: float
     resource_error: str
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., backend_error: _Optional[str] = ..., kubelet_dir: _Optional[str] = ..., kubelet_connected: _Optional[bool] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., plugins: _Optional[_Iterable[_Union[Plugin, _Mapping]]] = ..., config_file: _Optional[str] = ..., uptime_s: _Optional[float] = ..., resource_error: _Optional[str] = ...) -> None: ...
+    publishers: _containers.RepeatedCompositeFieldContainer[Publisher]
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., backend_error: _Optional[str] = ..., kubelet_dir: _Optional[str] = ..., kubelet_connected: _Optional[bool] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., plugins: _Optional[_Iterable[_Union[Plugin, _Mapping]]] = ..., config_file: _Optional[str] = ..., uptime_s: _Optional[float] = ..., resource_error: _Optional[str] = ..., publishers: _Optional[_Iterable[_Union[Publisher, _Mapping]]] = ...) -> None: ...
 
 class SetDeviceHealthyRequest(_message.Message):
     __slots__ = ("uuid",)

@@ -1,0 +1,27 @@
+"""The node agent as ``gpud run`` starts it: the daemon and the publishers a node serves.
+
+The one place that knows both sides of the seam. The daemon knows its publishers only as
+:class:`gpud.node.hub.Publisher`; the publishers know the daemon only as the snapshots they are
+handed and the request door. A new audience (metrics, labels, the Kubernetes API) is added here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpud.daemon.api import ControlApi
+from gpud.daemon.daemon import Daemon
+from gpud.daemon.settings import Settings
+from gpud.deviceplugin.publisher import KubeletPublisher
+from gpud.host import cdi
+from gpud.hw.backend import Backend
+
+
+def compose(settings: Settings, backend: Backend, *, cdi_spec: Path = cdi.DEFAULT_OUTPUT) -> Daemon:
+    """The daemon with the control API (started first; another gpud on its socket stops this
+    one) and kubelet's device plugins (awaited by every reconcile pass)."""
+    daemon = Daemon(settings, backend, cdi_spec=cdi_spec)
+    paths = settings.config.paths
+    daemon.publishers.add(ControlApi(paths.socket, paths.socket_group, backend), required=True)
+    daemon.publishers.add(KubeletPublisher(settings.kubelet_dir), awaited=True)
+    return daemon
