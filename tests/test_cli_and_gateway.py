@@ -43,7 +43,42 @@ def status() -> gpud_pb2.Status:
                 healthy=0,
             )
         ],
+        publishers=[
+            gpud_pb2.Publisher(name="control-api", state="ok", since_unix=NOW - 300),
+            gpud_pb2.Publisher(
+                name="labels",
+                state="degraded",
+                since_unix=NOW - 42,
+                error="features.d is missing",
+                failures=3,
+                retry_at_unix=NOW + 8,
+                detail="/etc/kubernetes/node-feature-discovery/features.d",
+            ),
+        ],
     )
+
+
+NOW = 1_760_000_000.0
+
+
+def test_status_lists_every_publisher_and_says_why_one_is_degraded() -> None:
+    data = output.status_dict(status())
+    assert data["publishers"][1] == {
+        "name": "labels",
+        "state": "degraded",
+        "since": "2025-10-09T08:52:38+00:00",
+        "error": "features.d is missing",
+        "failures": 3,
+        "next_retry": "2025-10-09T08:53:28+00:00",
+        "detail": "/etc/kubernetes/node-feature-discovery/features.d",
+    }
+    assert data["publishers"][0]["next_retry"] is None
+    lines = output.publisher_table(data["publishers"], now=NOW).splitlines()
+    assert lines[0].split() == ["PUBLISHER", "SINCE", "DETAIL", "STATE"]
+    assert lines[1].split() == ["control-api", "5m", "ago", "ok"]
+    assert lines[2].endswith("degraded (3 failed, retry in 8s): features.d is missing")
+    assert "42s ago" in lines[2]
+    assert "PUBLISHER" in output.status_table(data)
 
 
 def test_status_renders_the_same_facts_in_every_format() -> None:

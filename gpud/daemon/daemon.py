@@ -120,7 +120,8 @@ class Daemon:
             self.mig = MigController(backend, MigStore(settings.config.paths.state_dir), node)
             self._mig_status = MigStatus()
         self._published: NodeState | None = None
-        self.publishers = Publishers(self._derive(), self, self.stats)
+        self._published = self._derive()
+        self.publishers = Publishers(self._published, self, self.stats)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ class KubeletPublisher:
         """Arm the watch on kubelet's directory before anything is served, so that a kubelet
         (re)starting from now on is noticed."""
         self._link = link
+        link.set_detail(str(self.plugin_dir))
         manager = self._manager = PluginManager(self.plugin_dir, link.stats, self._report)
         watcher = KubeletDirWatcher(self.plugin_dir, self._kubelet_started, manager.socket_removed)
         self._watching = asyncio.create_task(watcher.run())

@@ -148,7 +148,12 @@ class PublisherLink:
 
 class _Entry:
     def __init__(
-        self, publisher: Publisher, required: bool, awaited: bool, backoff: Backoff
+        self,
+        hub: Publishers,
+        publisher: Publisher,
+        required: bool,
+        awaited: bool,
+        backoff: Backoff,
     ) -> None:
         self.publisher = publisher
         self.required = required
@@ -168,17 +173,17 @@ class _Entry:
         self.retry_at: float | None = None
         self.detail = ""
         self.status = PublisherStatus(publisher.name, STARTING, time.time())
+        self.link = PublisherLink(hub, self)
 
     def queue(self, events: Sequence[NodeEvent], front: bool = False) -> None:
+        """Add events (``front``: ones handed back after a failed publish, older than any
+        queued); beyond MAX_EVENTS the oldest go, counted."""
         if front:
             self.events.extendleft(reversed(events))
         else:
             self.events.extend(events)
         while len(self.events) > MAX_EVENTS:
-            if front:
-                self.events.pop()
-            else:
-                self.events.popleft()
+            self.events.popleft()
             self.dropped += 1
 
 
@@ -208,7 +213,7 @@ class Publishers:
             raise RuntimeError("publishers are added before the daemon starts them")
         if any(e.publisher.name == publisher.name for e in self._entries):
             raise ValueError(f"a publisher named {publisher.name!r} is already added")
-        self._entries.append(_Entry(publisher, required, awaited, backoff or Backoff()))
+        self._entries.append(_Entry(self, publisher, required, awaited, backoff or Backoff()))
 
     def latest(self) -> NodeState:
         return self._latest
@@ -222,22 +227,21 @@ class Publishers:
         than START_TIMEOUT_S) is degraded and started again by its task after a backoff."""
         self._running = True
         for entry in self._entries:
-            link = PublisherLink(self, entry)
-            if entry.required:
-                try:
-                    await entry.publisher.start(link)
-                except BaseException:
-                    await self.stop()
-                    raise
-                entry.started = True
-            else:
-                await self._try_start(entry, link)
+            if not entry.required:
+                await self._try_start(entry)
+                continue
+            try:
+                await entry.publisher.start(entry.link)
+            except BaseException:
+                await self.stop()
+                raise
+            entry.started = True
+            self._succeeded(entry)
+        loop = asyncio.get_running_loop()
         for entry in self._entries:
             entry.wake.set()
-            entry.task = asyncio.get_running_loop().create_task(
-                self._run(entry, PublisherLink(self, entry)),
-                name=f"publisher {entry.publisher.name}",
-            )
+            name = f"publisher {entry.publisher.name}"
+            entry.task = loop.create_task(self._run(entry), name=name)
 
     def publish(self, state: NodeState, events: Sequence[NodeEvent] = ()) -> None:
         """Make ``state`` the latest and wake every publisher; never waits."""
@@ -280,11 +284,14 @@ class Publishers:
 
     # ---- per publisher -----------------------------------------------------------------------
 
-    async def _try_start(self, entry: _Entry, link: PublisherLink) -> bool:
+    async def _try_start(self, entry: _Entry) -> bool:
         try:
-            await asyncio.wait_for(entry.publisher.start(link), START_TIMEOUT_S)
+            await asyncio.wait_for(entry.publisher.start(entry.link), START_TIMEOUT_S)
         except asyncio.CancelledError:
             raise
+        except asyncio.TimeoutError:
+            self._failed(entry, f"cannot start: not started within {START_TIMEOUT_S:.0f} s")
+            return False
         except Exception as exc:
             self._failed(entry, f"cannot start: {_text(exc)}")
             return False
@@ -292,11 +299,11 @@ class Publishers:
         self._succeeded(entry)
         return True
 
-    async def _run(self, entry: _Entry, link: PublisherLink) -> None:
+    async def _run(self, entry: _Entry) -> None:
         while True:
             if entry.retry_at is not None:
                 await asyncio.sleep(max(0.0, entry.retry_at - time.time()))
-            if not entry.started and not await self._try_start(entry, link):
+            if not entry.started and not await self._try_start(entry):
                 await self._mark_handled(entry, self._latest.generation)
                 continue
             await entry.wake.wait()
