@@ -22,6 +22,7 @@ examples:
   gpudctl doctor                      every check of this node, a fix for each failure
   gpudctl status                      GPUs, their health and the device plugins
   gpudctl devices -o json             the GPUs as JSON
+  gpudctl labels                      the node labels gpud publishes through NFD
   sudo gpudctl device set-healthy GPU-…   return a repaired GPU to service
   gpudctl config validate gpud.yaml   check a config file (exit 2 if invalid)
   gpudctl driver status -o json       the NVIDIA driver: packages, module, reboot, problems
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--auto", action="store_true", help="back to the built-in load that moves over time"
     )
+    _add_output(sub.add_parser("labels", help="the node labels gpud publishes, and where"))
     return p
 
 
@@ -261,6 +263,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"reloaded {reply.config_file or 'built-in defaults'}")
     elif args.command == "mig":
         return _mig(args, fmt)
+    elif args.command == "labels":
+        reply = _call(args.socket, lambda s: s.GetLabels, gpud_pb2.GetLabelsRequest())
+        data = output.labels_dict(reply)
+        print(output.render(data, fmt, output.labels_text(data, reply.detail)))
     elif args.debug_command == "inject-process":
         _call(
             args.socket,

@@ -273,3 +273,23 @@ def mig_table(data: dict[str, Any]) -> str:
             )
     lines += ["", table(["GPU", "MIG", "PROFILE", "GI/CI", "PLACEMENT", "MIG UUID"], rows)]
     return "\n".join(lines)
+
+
+def labels_dict(reply: gpud_pb2.GetLabelsResponse) -> dict[str, Any]:
+    """``gpudctl labels -o json``: exactly ``labels`` and ``nfd_file`` (null when no file is
+    written), the contract scripts read."""
+    return {
+        "labels": dict(sorted(reply.labels.items())),
+        "nfd_file": reply.nfd_file or None,
+    }
+
+
+def labels_text(data: dict[str, Any], detail: str) -> str:
+    """``name=value`` lines as the feature file has them, then where they are published."""
+    lines = [f"{name}={value}" for name, value in data["labels"].items()]
+    if not lines:
+        lines.append("no labels")
+    lines += ["", f"NFD feature file: {data['nfd_file'] or 'none'}"]
+    if detail:
+        lines.append(detail)
+    return "\n".join(lines)

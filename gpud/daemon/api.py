@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 
@@ -33,6 +34,9 @@ from gpud.mig.planner import Step
 from gpud.node.hub import PublisherLink, PublisherStatus, Update
 from gpud.node.requests import MigRequest, Refused, Unavailable
 from gpud.node.state import NodeState
+
+if TYPE_CHECKING:
+    from gpud.labels.publisher import Published
 
 
 async def _deny(context: grpc.aio.ServicerContext, what: str) -> NoReturn:
@@ -178,9 +182,15 @@ def mig_state_message(state: NodeState) -> gpud_pb2.MigStateResponse:
 class ControlServicer(SimLoadServicerMixin, gpud_pb2_grpc.GpudServicer):
     """``backend`` is used for fault injection only, which the simulated backend alone offers."""
 
-    def __init__(self, link: PublisherLink, backend: Backend) -> None:
+    def __init__(
+        self,
+        link: PublisherLink,
+        backend: Backend,
+        labels: Callable[[], Published | None] = lambda: None,
+    ) -> None:
         self.link = link
         self.backend = backend
+        self.labels = labels
 
     async def GetStatus(
         self, request: gpud_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -329,6 +339,21 @@ class ControlServicer(SimLoadServicerMixin, gpud_pb2_grpc.GpudServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return gpud_pb2.InjectProcessResponse()
 
+    async def GetLabels(
+        self, request: gpud_pb2.GetLabelsRequest, context: grpc.aio.ServicerContext
+    ) -> gpud_pb2.GetLabelsResponse:
+        published = self.labels()
+        if published is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "gpud has not computed the node labels yet (it is starting); try again",
+            )
+        return gpud_pb2.GetLabelsResponse(
+            labels=dict(published.labels),
+            nfd_file=str(published.nfd_file or ""),
+            detail=published.detail,
+        )
+
 
 class ControlApi:
     """The control API as a publisher: it serves the socket from ``start`` to ``stop`` and
@@ -336,9 +361,16 @@ class ControlApi:
 
     name = "control-api"
 
-    def __init__(self, socket: Path, group: str, backend: Backend) -> None:
+    def __init__(
+        self,
+        socket: Path,
+        group: str,
+        backend: Backend,
+        labels: Callable[[], Published | None] = lambda: None,
+    ) -> None:
         self._gateway = Gateway(socket, group)
         self._backend = backend
+        self._labels = labels
         self._server: grpc.aio.Server | None = None
 
     async def start(self, link: PublisherLink) -> None:
@@ -346,7 +378,9 @@ class ControlApi:
         (a second gpud) serves the socket."""
         address = self._gateway.prepare()
         server = grpc.aio.server()
-        gpud_pb2_grpc.add_GpudServicer_to_server(ControlServicer(link, self._backend), server)
+        gpud_pb2_grpc.add_GpudServicer_to_server(
+            ControlServicer(link, self._backend, self._labels), server
+        )
         server.add_insecure_port(address)
         await server.start()
         self._server = server

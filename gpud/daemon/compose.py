@@ -15,13 +15,18 @@ from gpud.daemon.settings import Settings
 from gpud.deviceplugin.publisher import KubeletPublisher
 from gpud.host import cdi
 from gpud.hw.backend import Backend
+from gpud.labels.publisher import LabelsPublisher
 
 
 def compose(settings: Settings, backend: Backend, *, cdi_spec: Path = cdi.DEFAULT_OUTPUT) -> Daemon:
     """The daemon with the control API (started first; another gpud on its socket stops this
-    one) and kubelet's device plugins (awaited by every reconcile pass)."""
+    one), kubelet's device plugins (awaited by every reconcile pass) and the node labels (whose
+    control API answer, ``gpudctl labels``, is what the labels publisher last published)."""
     daemon = Daemon(settings, backend, cdi_spec=cdi_spec)
     paths = settings.config.paths
-    daemon.publishers.add(ControlApi(paths.socket, paths.socket_group, backend), required=True)
+    labels = LabelsPublisher()
+    api = ControlApi(paths.socket, paths.socket_group, backend, labels=lambda: labels.published)
+    daemon.publishers.add(api, required=True)
     daemon.publishers.add(KubeletPublisher(settings.kubelet_dir), awaited=True)
+    daemon.publishers.add(labels)
     return daemon

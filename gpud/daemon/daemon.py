@@ -120,6 +120,7 @@ class Daemon:
             self.mig = MigController(backend, MigStore(settings.config.paths.state_dir), node)
             self._mig_status = MigStatus()
         self._published: NodeState | None = None
+        self._ready = False
         self._published = self._derive()
         self.publishers = Publishers(self._published, self, self.stats)
 
@@ -141,6 +142,7 @@ class Daemon:
             log.warning("%s", warning)
         await self._recover_mig()
         await self._ensure_cdi_spec()
+        self._ready = True
         await self.reconcile()
         self.notifier.ready(self._status_line())
         self.notifier.start_watchdog(loop)
@@ -503,6 +505,7 @@ class Daemon:
             resource_warnings=self._warned,
             sharing=self._sharing[1],
             plugins=self._plugins,
+            ready=self._ready,
         )
 
     def _read_mig_status(self) -> None:

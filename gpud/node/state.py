@@ -199,6 +199,10 @@ class NodeState:
     resource_warnings: tuple[str, ...]
     sharing: SharingState
     plugins: tuple[PluginStatus, ...]
+    # True once gpud has started: the backend opened (or found unusable), the MIG layout restored
+    # and the first reconcile pass under way. Before, the GPUs and their layouts may be partial,
+    # and an audience that keeps what it was told (labels) must not take them for the node.
+    ready: bool = False
 
     @property
     def mig_strategy(self) -> MigStrategy:

@@ -41,6 +41,8 @@ class Agent:
                 kubelet_dir=root / "kubelet",
                 state_dir=root / "state",
                 socket=root / "gpud.sock",
+                # Never the host's NFD directory.
+                nfd_dir=root / "nfd",
             ),
         )
         self.socket = settings.config.paths.socket

@@ -47,6 +47,8 @@ class Node:
 
 def make_node(root: Path, spec: str = "dgx-a100", extra: tuple[str, ...] = ()) -> Node:
     kubelet = FakeKubelet(root / "kubelet")
+    # Never the host's NFD directory; a test's own --nfd-dir in ``extra`` comes later and wins.
+    extra = ("--nfd-dir", str(root / "nfd"), *extra)
     gpud = GpudProcess(
         spec, root / "kubelet", root / "state", root / "gpud.sock", extra, log_dir=root / "log"
     )

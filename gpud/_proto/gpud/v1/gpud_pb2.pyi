@@ -315,3 +315,24 @@ class SetLoadResponse(_message.Message):
     uuid: str
     load: str
     def __init__(self, uuid: _Optional[str] = ..., load: _Optional[str] = ...) -> None: ...
+
+class GetLabelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetLabelsResponse(_message.Message):
+    __slots__ = ("labels", "nfd_file", "detail")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    NFD_FILE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.ScalarMap[str, str]
+    nfd_file: str
+    detail: str
+    def __init__(self, labels: _Optional[_Mapping[str, str]] = ..., nfd_file: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -84,6 +84,11 @@ class GpudStub:
                 request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadRequest.SerializeToString,
                 response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadResponse.FromString,
                 _registered_method=True)
+        self.GetLabels = channel.unary_unary(
+                '/gpud.v1.Gpud/GetLabels',
+                request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetLabelsRequest.SerializeToString,
+                response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetLabelsResponse.FromString,
+                _registered_method=True)
 
 
 class GpudServicer:
@@ -150,6 +155,13 @@ class GpudServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLabels(self, request, context):
+        """Read-only, open to every caller of the socket: the labels are public on the Node anyway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GpudServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +214,11 @@ def add_GpudServicer_to_server(servicer, server):
                     servicer.SetLoad,
                     request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadRequest.FromString,
                     response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadResponse.SerializeToString,
+            ),
+            'GetLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLabels,
+                    request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetLabelsRequest.FromString,
+                    response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetLabelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -474,6 +491,33 @@ class Gpud:
             '/gpud.v1.Gpud/SetLoad',
             gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadRequest.SerializeToString,
             gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpud.v1.Gpud/GetLabels',
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetLabelsRequest.SerializeToString,
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetLabelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
