@@ -65,6 +65,7 @@ def test_top_level_commands() -> None:
         "devices",
         "doctor",
         "driver",
+        "labels",
         "mig",
         "platform",
         "status",

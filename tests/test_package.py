@@ -448,6 +448,7 @@ def _sandbox_writes(node: Container) -> dict[str, bool]:
         # cleanup below. Step 3 shows that one working.
         "/var/lib/kubelet/pods",
         "/var/snap/microk8s/common/var/lib/kubelet/device-plugins",
+        NFD_DIR,
     ]
     writable = {}
     for directory in probes:
@@ -507,6 +508,7 @@ def _serves_the_simulated_node(node: Container) -> dict[str, object]:
 def test_install_run_upgrade_remove_purge(node: Container, deb: Path, upgrade_deb: Path) -> None:
     node.run(["useradd", "--create-home", "alice"])
     node.run(["useradd", "--create-home", "bob"])
+    node.run(["mkdir", "-p", NFD_DIR])  # as NFD's worker makes it, before gpud comes
     before = _files(node)
 
     # 1. install: enabled, started, active through READY=1, on Debian 12's python3 3.11.
@@ -529,7 +531,11 @@ def test_install_run_upgrade_remove_purge(node: Container, deb: Path, upgrade_de
         # Created after gpud started, as kubelet or MicroK8s would: still writable to it.
         "/var/lib/kubelet/pods": True,
         "/var/snap/microk8s/common/var/lib/kubelet/device-plugins": True,
+        NFD_DIR: True,
     }
+    # The node labels, in NFD's directory (opened in the sandbox because it existed at start).
+    labels = _labels_published(node)
+    assert labels["nvidia.com/gpu.count"] == "8", labels
     # A member of the gpud group may read; anyone else is told why not.
     node.run(["usermod", "--append", "--groups", "gpud", "alice"])
     as_alice = node.run(["gpudctl", "status", "-o", "json"], user="alice")
@@ -578,6 +584,7 @@ def test_install_run_upgrade_remove_purge(node: Container, deb: Path, upgrade_de
     assert node.run(["cat", "/etc/gpud/gpud.yaml"]).stdout == SIM_CONFIG
     assert node.exists("/var/lib/gpud/mig")
     assert node.run(["getent", "group", "gpud"], check=False).returncode == 0
+    assert node.exists(f"{NFD_DIR}/gpud")  # the labels stay while gpud is away
 
     # 7. purge: nothing of gpud left
     _apt(node, "purge", "gpud")
@@ -585,6 +592,18 @@ def test_install_run_upgrade_remove_purge(node: Container, deb: Path, upgrade_de
     node.run(["rm", "-rf", "/var/lib/kubelet"])  # the probe's kubelet, not the package's
     left = _files(node) - before
     assert left == set(), sorted(left)
+
+
+NFD_DIR = "/etc/kubernetes/node-feature-discovery/features.d"
+
+
+def _labels_published(node: Container) -> dict[str, str]:
+    """``gpudctl labels -o json`` once the file is there; it must name the file."""
+    wait = f"for i in $(seq 100); do [ -f {NFD_DIR}/gpud ] && exit 0; sleep 0.1; done; exit 1"
+    node.run(["sh", "-c", wait])
+    answer = json.loads(node.run(["gpudctl", "labels", "-o", "json"]).stdout)
+    assert answer["nfd_file"] == f"{NFD_DIR}/gpud", answer
+    return answer["labels"]
 
 
 def _mig_layout(node: Container) -> dict[str, object]:
