@@ -87,7 +87,7 @@ def held_back(state: NodeState) -> str:
         return "gpud is starting"
     if state.backend_error:
         return f"the GPUs cannot be read ({state.backend_error})"
-    if state.withdrawn or (state.mig_status is not None and state.mig_status.applying):
+    if state.withdrawn:
         return "a MIG layout is being applied"
     return ""
 
