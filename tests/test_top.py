@@ -4,9 +4,14 @@ shows and the pods kubelet's PodResources says hold it, as the issue's JSON cont
 from __future__ import annotations
 
 import json
+import os
+import pty
+import queue
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from gpud.cli.top import CLEAR, HIDE_CURSOR, SHOW_CURSOR
 from tests.support.mignode import MigNode, start, stopped_after
 from tests.support.podresources import pod
 
@@ -157,13 +163,49 @@ def test_refreshes_until_interrupted(short_tmp: Path, nodes: list[MigNode]) -> N
     proc = subprocess.Popen(
         [*argv, "top", "--interval", "0.2", "-o", "json"], stdout=subprocess.PIPE, text=True
     )
-    time.sleep(2.0)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=10)
+    assert proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        frames = [json.loads(lines.get(timeout=30)) for _ in range(3)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
     assert proc.returncode == 0
-    frames = [json.loads(line) for line in out.splitlines()]
-    assert len(frames) >= 3
     assert all(len(f["devices"]) == 2 for f in frames)
+
+
+def test_on_a_terminal_the_view_is_redrawn_in_place(short_tmp: Path, nodes: list[MigNode]) -> None:
+    node = start(short_tmp, "a100-40gb:2")
+    nodes.append(node)
+    argv = [sys.executable, "-m", "gpud.cli.gpudctl", "--socket", str(node.gpud.socket)]
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*argv, "top", "--interval", "0.2"], stdout=follower)
+    os.close(follower)
+    seen = b""
+    deadline = time.monotonic() + 30
+    try:
+        while seen.count(CLEAR.encode()) < 2 and time.monotonic() < deadline:
+            if select.select([leader], [], [], 1.0)[0]:
+                seen += os.read(leader, 65536)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    while select.select([leader], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    text = seen.decode()
+    assert proc.returncode == 0
+    assert text.startswith(HIDE_CURSOR + CLEAR + "gpud top at ")
+    assert text.count(CLEAR) >= 2 and text.endswith(SHOW_CURSOR)
+    assert "Ctrl-C quits" in text and "HEALTH" in text
 
 
 def test_bad_interval_and_no_gpud(short_tmp: Path, nodes: list[MigNode]) -> None:

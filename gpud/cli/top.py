@@ -118,32 +118,45 @@ def run_top(
     fmt: str,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Show one frame (``--once``) or refresh until interrupted. The first read's ``failure``
-    ends the command (gpud is not there); a later one is shown and retried at the next refresh."""
-    data = top_dict(read())
-    if args.once:
-        print(frame(data, fmt, time.time(), None), file=out)
-        return 0
+    """Show one frame (``--once``) or refresh until interrupted (Ctrl-C is the way out, exit 0).
+    The first read's ``failure`` ends the command (gpud is not there); a later one is shown and
+    retried at the next refresh."""
+    try:
+        data = top_dict(read())
+        if args.once:
+            print(frame(data, fmt, time.time(), None), file=out)
+            return 0
+        _refresh(data, read, failure, args.interval, fmt, out)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _refresh(
+    data: dict[str, Any],
+    read: Callable[[], gpud_pb2.DevicesReading],
+    failure: type[Exception],
+    interval: float,
+    fmt: str,
+    out: TextIO,
+) -> None:
     in_place = fmt == "table" and out.isatty()
     if in_place:
         out.write(HIDE_CURSOR)
     try:
         while True:
-            text = frame(data, fmt, time.time(), args.interval)
+            text = frame(data, fmt, time.time(), interval)
             if in_place:
                 out.write(CLEAR + text + "\n")
             else:
                 out.write(text + ("\n" if fmt != "table" else "\n\n"))
             out.flush()
-            time.sleep(args.interval)
+            time.sleep(interval)
             try:
                 data = top_dict(read())
             except failure as exc:
-                data = top_dict(
-                    gpud_pb2.DevicesReading(backend_error=f"gpud did not answer: {exc}")
-                )
-    except KeyboardInterrupt:
-        return 0
+                answer = gpud_pb2.DevicesReading(backend_error=f"gpud did not answer: {exc}")
+                data = top_dict(answer)
     finally:
         if in_place:
             out.write(SHOW_CURSOR)
