@@ -70,6 +70,7 @@ def test_top_level_commands() -> None:
         "platform",
         "status",
         "toolkit",
+        "top",
     ]
     assert complete("gpud", "") == ["bootstrap", "config", "run"]
 

@@ -22,6 +22,7 @@ examples:
   gpudctl doctor                      every check of this node, a fix for each failure
   gpudctl status                      GPUs, their health and the device plugins
   gpudctl devices -o json             the GPUs as JSON
+  gpudctl top                         live load of every GPU and MIG device, and its pods
   gpudctl labels                      the node labels gpud publishes through NFD
   sudo gpudctl device set-healthy GPU-…   return a repaired GPU to service
   gpudctl config validate gpud.yaml   check a config file (exit 2 if invalid)
@@ -45,6 +46,16 @@ def _add_output(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} s is not between 0.1 and 3600")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Public so that gpud.cli.completion reads the same parser the command runs."""
     p = argparse.ArgumentParser(
@@ -63,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_output(sub.add_parser("status", help="the node: GPUs, health, plugins"))
     _add_output(sub.add_parser("devices", help="the GPUs"))
+    top = sub.add_parser(
+        "top", help="live per-device utilization, memory, temperature, power and the pods using it"
+    )
+    top.add_argument("--once", action="store_true", help="print one view and exit")
+    top.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="time between refreshes (default 2)",
+    )
+    _add_output(top)
 
     device = sub.add_parser("device", help="act on one GPU")
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
@@ -251,6 +274,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "devices":
         gpus = _status(args)["gpus"]
         print(output.render(gpus, fmt, output.gpu_table(gpus)))
+    elif args.command == "top":
+        from gpud.cli.top import run_top
+
+        request = gpud_pb2.ReadDevicesRequest()
+        return run_top(
+            lambda: _call(args.socket, lambda s: s.ReadDevices, request), Failure, args, fmt
+        )
     elif args.command == "device":
         reply = _call(
             args.socket,

@@ -22,6 +22,7 @@ import grpc
 
 from gpud._proto.gpud.v1 import gpud_pb2, gpud_pb2_grpc
 from gpud.config.load import ConfigError
+from gpud.daemon.devices_view import DeviceReadingsMixin
 from gpud.daemon.gateway import Gateway, peer_uid
 from gpud.daemon.simload import SimLoadServicerMixin
 from gpud.deviceplugin.plugin import KUBELET_SOCKET
@@ -179,8 +180,9 @@ def mig_state_message(state: NodeState) -> gpud_pb2.MigStateResponse:
     return reply
 
 
-class ControlServicer(SimLoadServicerMixin, gpud_pb2_grpc.GpudServicer):
-    """``backend`` is used for fault injection only, which the simulated backend alone offers."""
+class ControlServicer(SimLoadServicerMixin, DeviceReadingsMixin, gpud_pb2_grpc.GpudServicer):
+    """``backend`` is read for ``top`` and used for fault injection, which only the simulated
+    backend offers."""
 
     def __init__(
         self,

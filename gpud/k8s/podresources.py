@@ -60,6 +60,12 @@ async def list_device_users(socket: Path, timeout: float) -> dict[str, tuple[str
     Raises PodResourcesUnavailable when the socket does not exist, or when kubelet does not
     answer within ``timeout`` seconds or answers with an error.
     """
+    return device_users(await list_pod_resources(socket, timeout))
+
+
+async def list_pod_resources(socket: Path, timeout: float) -> api_pb2.ListPodResourcesResponse:
+    """kubelet's whole ``List`` answer; raises PodResourcesUnavailable as
+    :func:`list_device_users` does."""
     if not socket.exists():
         raise PodResourcesUnavailable(
             f"kubelet's PodResources socket {socket} does not exist: kubelet is not running "
@@ -74,7 +80,7 @@ async def list_device_users(socket: Path, timeout: float) -> dict[str, tuple[str
             f"kubelet's PodResources API at {socket} did not answer List: "
             f"{exc.code().name}: {exc.details()}"
         ) from exc
-    return device_users(response)
+    return response
 
 
 def base_uuid(device_id: str) -> str:

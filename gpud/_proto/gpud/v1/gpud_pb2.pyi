@@ -316,6 +316,62 @@ class SetLoadResponse(_message.Message):
     load: str
     def __init__(self, uuid: _Optional[str] = ..., load: _Optional[str] = ...) -> None: ...
 
+class ReadDevicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PodHolder(_message.Message):
+    __slots__ = ("namespace", "pod", "container")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    pod: str
+    container: str
+    def __init__(self, namespace: _Optional[str] = ..., pod: _Optional[str] = ..., container: _Optional[str] = ...) -> None: ...
+
+class DeviceReading(_message.Message):
+    __slots__ = ("gpu", "uuid", "mig_uuid", "profile", "gi_id", "name", "utilization_pct", "memory_used_mib", "memory_total_mib", "temperature_c", "power_w", "health", "health_reason", "pods")
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    MIG_UUID_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    GI_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_PCT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_MIB_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_MIB_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_REASON_FIELD_NUMBER: _ClassVar[int]
+    PODS_FIELD_NUMBER: _ClassVar[int]
+    gpu: int
+    uuid: str
+    mig_uuid: str
+    profile: str
+    gi_id: int
+    name: str
+    utilization_pct: float
+    memory_used_mib: int
+    memory_total_mib: int
+    temperature_c: int
+    power_w: float
+    health: str
+    health_reason: str
+    pods: _containers.RepeatedCompositeFieldContainer[PodHolder]
+    def __init__(self, gpu: _Optional[int] = ..., uuid: _Optional[str] = ..., mig_uuid: _Optional[str] = ..., profile: _Optional[str] = ..., gi_id: _Optional[int] = ..., name: _Optional[str] = ..., utilization_pct: _Optional[float] = ..., memory_used_mib: _Optional[int] = ..., memory_total_mib: _Optional[int] = ..., temperature_c: _Optional[int] = ..., power_w: _Optional[float] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., pods: _Optional[_Iterable[_Union[PodHolder, _Mapping]]] = ...) -> None: ...
+
+class DevicesReading(_message.Message):
+    __slots__ = ("devices", "pods_error", "backend_error")
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    PODS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_ERROR_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceReading]
+    pods_error: str
+    backend_error: str
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceReading, _Mapping]]] = ..., pods_error: _Optional[str] = ..., backend_error: _Optional[str] = ...) -> None: ...
+
 class GetLabelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

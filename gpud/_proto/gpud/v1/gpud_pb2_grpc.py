@@ -84,6 +84,11 @@ class GpudStub:
                 request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadRequest.SerializeToString,
                 response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadResponse.FromString,
                 _registered_method=True)
+        self.ReadDevices = channel.unary_unary(
+                '/gpud.v1.Gpud/ReadDevices',
+                request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ReadDevicesRequest.SerializeToString,
+                response_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.DevicesReading.FromString,
+                _registered_method=True)
         self.GetLabels = channel.unary_unary(
                 '/gpud.v1.Gpud/GetLabels',
                 request_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.GetLabelsRequest.SerializeToString,
@@ -155,6 +160,13 @@ class GpudServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadDevices(self, request, context):
+        """Read-only: GPU telemetry and the pods holding each device, read when asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLabels(self, request, context):
         """Read-only, open to every caller of the socket: the labels are public on the Node anyway.
         """
@@ -214,6 +226,11 @@ def add_GpudServicer_to_server(servicer, server):
                     servicer.SetLoad,
                     request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadRequest.FromString,
                     response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadResponse.SerializeToString,
+            ),
+            'ReadDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadDevices,
+                    request_deserializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ReadDevicesRequest.FromString,
+                    response_serializer=gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.DevicesReading.SerializeToString,
             ),
             'GetLabels': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLabels,
@@ -491,6 +508,33 @@ class Gpud:
             '/gpud.v1.Gpud/SetLoad',
             gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadRequest.SerializeToString,
             gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.SetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpud.v1.Gpud/ReadDevices',
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.ReadDevicesRequest.SerializeToString,
+            gpud_dot___proto_dot_gpud_dot_v1_dot_gpud__pb2.DevicesReading.FromString,
             options,
             channel_credentials,
             insecure,
