@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="NFD's features.d, where gpud publishes node labels "
         "(/etc/kubernetes/node-feature-discovery/features.d)",
     )
+    run.add_argument(
+        "--metrics-listen",
+        metavar="ADDR",
+        help="where /metrics is served: :PORT for every address, HOST:PORT or [IPV6]:PORT (:9400)",
+    )
 
     boot = sub.add_parser(
         "bootstrap",
@@ -88,7 +93,15 @@ def _run(args: argparse.Namespace) -> int:
     from gpud.daemon.gateway import SocketInUse
     from gpud.daemon.settings import Overrides, resolve
     from gpud.hw.select import make_backend
+    from gpud.metrics.address import parse_listen
+    from gpud.metrics.publisher import ListenFailed
 
+    if args.metrics_listen is not None:
+        try:
+            parse_listen(args.metrics_listen)
+        except ValueError as exc:
+            print(f"gpud: --metrics-listen: {exc}", file=sys.stderr)
+            return EXIT_INVALID
     overrides = Overrides(
         simulate=args.simulate,
         backend=BackendKind(args.backend) if args.backend else None,
@@ -97,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         socket=args.socket,
         log_level=args.log_level,
         nfd_dir=args.nfd_dir,
+        metrics_listen=args.metrics_listen,
     )
     try:
         settings = resolve(args.config, overrides)
@@ -112,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     try:
         return asyncio.run(compose(settings, backend).run())
-    except SocketInUse as exc:
+    except (SocketInUse, ListenFailed) as exc:
         print(f"gpud: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except PermissionError as exc:

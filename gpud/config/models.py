@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from gpud.labels.names import static_key_problem, value_problem
+from gpud.metrics.address import parse_listen
 
 DEFAULT_IGNORED_XIDS: tuple[int, ...] = (13, 31, 43, 45, 68, 109)
 """XIDs caused by applications, not by the GPU (the NVIDIA device plugin's list)."""
@@ -351,6 +352,19 @@ class Log(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+def _listen_address(value: str) -> str:
+    parse_listen(value)
+    return value
+
+
+class Metrics(_Strict):
+    """``metrics``: Prometheus' ``/metrics`` under dcgm-exporter's names (docs/metrics.md)."""
+
+    enabled: bool = True
+    # dcgm-exporter's --address spelling: ":9400" is every address, "127.0.0.1:9400" one.
+    listen: Annotated[str, AfterValidator(_listen_address)] = ":9400"
+
+
 class Config(_Strict):
     version: Literal["v1"]
     backend: BackendKind = BackendKind.AUTO
@@ -366,6 +380,7 @@ class Config(_Strict):
     driver: Driver = Field(default_factory=Driver)
     apt: Apt = Field(default_factory=Apt)
     log: Log = Field(default_factory=Log)
+    metrics: Metrics = Field(default_factory=Metrics)
 
 
 def default_config() -> Config:

@@ -16,12 +16,15 @@ from gpud.deviceplugin.publisher import KubeletPublisher
 from gpud.host import cdi
 from gpud.hw.backend import Backend
 from gpud.labels.publisher import LabelsPublisher
+from gpud.metrics.address import parse_listen
+from gpud.metrics.publisher import MetricsPublisher
 
 
 def compose(settings: Settings, backend: Backend, *, cdi_spec: Path = cdi.DEFAULT_OUTPUT) -> Daemon:
     """The daemon with the control API (started first; another gpud on its socket stops this
-    one), kubelet's device plugins (awaited by every reconcile pass) and the node labels (whose
-    control API answer, ``gpudctl labels``, is what the labels publisher last published)."""
+    one), kubelet's device plugins (awaited by every reconcile pass), the node labels (whose
+    control API answer, ``gpudctl labels``, is what the labels publisher last published) and,
+    unless disabled, Prometheus' ``/metrics``."""
     daemon = Daemon(settings, backend, cdi_spec=cdi_spec)
     paths = settings.config.paths
     labels = LabelsPublisher()
@@ -29,4 +32,10 @@ def compose(settings: Settings, backend: Backend, *, cdi_spec: Path = cdi.DEFAUL
     daemon.publishers.add(api, required=True)
     daemon.publishers.add(KubeletPublisher(settings.kubelet_dir), awaited=True)
     daemon.publishers.add(labels)
+    metrics = settings.config.metrics
+    if metrics.enabled:
+        # Required: an address that cannot be bound stops gpud's start with a message naming it,
+        # rather than leaving Prometheus with nothing to scrape behind a running daemon.
+        publisher = MetricsPublisher(parse_listen(metrics.listen), backend)
+        daemon.publishers.add(publisher, required=True)
     return daemon

@@ -27,6 +27,7 @@ class Overrides:
     socket: Path | None = None
     log_level: str | None = None
     nfd_dir: Path | None = None
+    metrics_listen: str | None = None
 
     def apply(self, cfg: Config) -> Config:
         paths = {
@@ -49,6 +50,8 @@ class Overrides:
         if self.nfd_dir is not None:
             nfd = cfg.labels.nfd.model_copy(update={"directory": self.nfd_dir})
             top["labels"] = cfg.labels.model_copy(update={"nfd": nfd})
+        if self.metrics_listen is not None:
+            top["metrics"] = cfg.metrics.model_copy(update={"listen": self.metrics_listen})
         return cfg.model_copy(update=top)
 
 

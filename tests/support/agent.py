@@ -41,8 +41,9 @@ class Agent:
                 kubelet_dir=root / "kubelet",
                 state_dir=root / "state",
                 socket=root / "gpud.sock",
-                # Never the host's NFD directory.
+                # Never the host's NFD directory, nor the host's :9400.
                 nfd_dir=root / "nfd",
+                metrics_listen="127.0.0.1:0",
             ),
         )
         self.socket = settings.config.paths.socket

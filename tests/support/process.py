@@ -92,6 +92,9 @@ class GpudProcess:
             str(self.state_dir),
             "--socket",
             str(self.socket),
+            # /metrics on a free loopback port, so that daemons side by side never contend for
+            # :9400; a test that cares passes its own --metrics-listen.
+            *([] if "--metrics-listen" in self.extra else ["--metrics-listen", "127.0.0.1:0"]),
             *self.extra,
         ]
 
