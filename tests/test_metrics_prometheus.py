@@ -220,6 +220,14 @@ def test_an_unreachable_pod_resources_api_drops_pod_labels_and_says_why(
         out = node.gpudctl("status", "-o", "json")
         (metrics,) = [p for p in json.loads(out.stdout)["publishers"] if p["name"] == "metrics"]
         assert metrics["state"] == "ok", metrics
+
+        # kubelet restarts between two scrapes: the next scrape reaches the new one.
+        node.podres.stop()
+        node.podres = FakePodResources(node.podres_socket, node.podres.pods).start()
+        body = get(address)[2]
+        assert [r.label["pod"] for r in lines(body, "DCGM_FI_DEV_FB_USED") if "pod" in r.label] == [
+            "a"
+        ]
     finally:
         node.stop()
 

@@ -11,6 +11,7 @@ not gpud's, and pod-level CPU and memory are irrelevant here.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -64,23 +65,60 @@ async def list_device_users(socket: Path, timeout: float) -> dict[str, tuple[str
 
 
 async def list_pod_resources(socket: Path, timeout: float) -> api_pb2.ListPodResourcesResponse:
-    """kubelet's whole ``List`` answer; raises PodResourcesUnavailable as
-    :func:`list_device_users` does."""
-    if not socket.exists():
-        raise PodResourcesUnavailable(
-            f"kubelet's PodResources socket {socket} does not exist: kubelet is not running "
-            "on this node, or its root directory is elsewhere (set paths.podResourcesSocket)"
-        )
+    """kubelet's whole ``List`` answer, over a channel of its own; raises
+    PodResourcesUnavailable as :func:`list_device_users` does."""
+    client = PodResourcesClient(socket)
     try:
-        async with grpc.aio.insecure_channel(f"unix:{socket}", options=_DIAL_OPTIONS) as channel:
-            stub = api_pb2_grpc.PodResourcesListerStub(channel)
-            response = await stub.List(api_pb2.ListPodResourcesRequest(), timeout=timeout)
-    except grpc.aio.AioRpcError as exc:
-        raise PodResourcesUnavailable(
-            f"kubelet's PodResources API at {socket} did not answer List: "
-            f"{exc.code().name}: {exc.details()}"
-        ) from exc
-    return response
+        return await client.list(timeout)
+    finally:
+        await client.close()
+
+
+class PodResourcesClient:
+    """A channel to kubelet's PodResources kept between calls, for a caller that asks on every
+    Prometheus scrape: dialing the socket anew costs several times the ``List`` itself.
+
+    A call that fails on a kept channel is tried once more on a fresh one, and a channel that
+    failed is dropped, so a kubelet restart costs no scrape its pods (gRPC would otherwise make
+    the old channel wait out its reconnect backoff).
+    """
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+        self._channel: grpc.aio.Channel | None = None
+
+    async def list(self, timeout: float) -> api_pb2.ListPodResourcesResponse:
+        if not self.socket.exists():
+            await self.close()
+            raise PodResourcesUnavailable(
+                f"kubelet's PodResources socket {self.socket} does not exist: kubelet is not "
+                "running on this node, or its root directory is elsewhere "
+                "(set paths.podResourcesSocket)"
+            )
+        kept = self._channel is not None
+        try:
+            return await self._list(timeout)
+        except grpc.aio.AioRpcError as exc:
+            await self.close()
+            if kept:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    return await self._list(timeout)
+                await self.close()
+            raise PodResourcesUnavailable(
+                f"kubelet's PodResources API at {self.socket} did not answer List: "
+                f"{exc.code().name}: {exc.details()}"
+            ) from exc
+
+    async def _list(self, timeout: float) -> api_pb2.ListPodResourcesResponse:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(f"unix:{self.socket}", options=_DIAL_OPTIONS)
+        stub = api_pb2_grpc.PodResourcesListerStub(self._channel)
+        return await stub.List(api_pb2.ListPodResourcesRequest(), timeout=timeout)
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
 
 
 def base_uuid(device_id: str) -> str:

@@ -254,9 +254,11 @@ def dcgm_families(rows: Sequence[DeviceRow], driver_version: str, hostname: str)
     """dcgm-exporter's families for ``rows``; a value the GPU does not have is absent, not 0,
     and a device several containers hold is one sample per container."""
     labelled = [(e, _labels(e, driver_version, hostname)) for e in entities(rows)]
-    families = [_family(f, labelled) for f in FIELDS_BEFORE_XID]
+    # Each row's label sets (one per holder), made once and shared by every family.
+    held = [(e, _with_pods(e, labels)) for e, labels in labelled]
+    families = [_family(f, held) for f in FIELDS_BEFORE_XID]
     families.append(_xid_family(labelled))
-    families.extend(_family(f, labelled) for f in FIELDS_AFTER_XID)
+    families.extend(_family(f, held) for f in FIELDS_AFTER_XID)
     return families
 
 
@@ -315,14 +317,14 @@ def _value(field: Field, entity: Entity) -> float | None:
     return float(value)
 
 
-def _family(field: Field, labelled: list[tuple[Entity, dict[str, str]]]) -> Metric:
+def _family(field: Field, held: list[tuple[Entity, list[dict[str, str]]]]) -> Metric:
     family = Metric(field.name, field.help, field.type)
-    for entity, labels in labelled:
+    for entity, label_sets in held:
         value = _value(field, entity)
         if value is None:
             continue
-        for sample_labels in _with_pods(entity, labels):
-            family.add_sample(field.name, sample_labels, value)
+        for labels in label_sets:
+            family.add_sample(field.name, labels, value)
     return family
 
 

@@ -25,6 +25,8 @@ def render(families: Iterable[Metric]) -> bytes:
     """The exposition of ``families`` (counters and gauges); a family without samples is left
     out, as dcgm-exporter leaves out a field no GPU has."""
     out: list[str] = []
+    # The same label sets recur in every family (one per GPU row): write each once.
+    written: dict[tuple[tuple[str, str], ...], str] = {}
     for family in families:
         if not family.samples:
             continue
@@ -34,8 +36,11 @@ def render(families: Iterable[Metric]) -> bytes:
         name = family.samples[0].name
         out.append(f"# HELP {name} {_help(family.documentation)}\n# TYPE {name} {kind}\n")
         for sample in family.samples:
-            labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sample.labels.items())
-            body = f"{{{labels}}}" if labels else ""
+            key = tuple(sample.labels.items())
+            body = written.get(key)
+            if body is None:
+                labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in key)
+                body = written[key] = f"{{{labels}}}" if labels else ""
             out.append(f"{sample.name}{body} {_value(sample.value)}\n")
     return "".join(out).encode()
 

@@ -21,7 +21,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from gpud.hw.backend import Backend
-from gpud.k8s.podresources import PodResourcesUnavailable
+from gpud.k8s.podresources import PodResourcesClient, PodResourcesUnavailable
 from gpud.metrics.address import ListenAddress
 from gpud.metrics.dcgm import dcgm_families
 from gpud.metrics.exposition import CONTENT_TYPE, render
@@ -29,7 +29,7 @@ from gpud.metrics.own import own_families
 from gpud.node.hub import PublisherLink, Update
 from gpud.node.state import NodeState
 from gpud.node.stats import StatsSnapshot
-from gpud.observe.pods import PodDevices, holders, list_pod_devices
+from gpud.observe.pods import PodDevices, holders, pod_devices
 from gpud.observe.rows import device_rows, read_all
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class MetricsPublisher:
         self._timeout = pod_resources_timeout
         self._link: PublisherLink | None = None
         self._server: asyncio.Server | None = None
+        self._pod_resources: PodResourcesClient | None = None
 
     async def start(self, link: PublisherLink) -> None:
         """Bind ``metrics.listen``; raises ListenFailed naming the address when it cannot."""
@@ -123,6 +124,8 @@ class MetricsPublisher:
         """Nothing to do: a scrape reads the latest snapshot when it comes."""
 
     async def stop(self) -> None:
+        if self._pod_resources is not None:
+            await self._pod_resources.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -138,8 +141,12 @@ class MetricsPublisher:
         return await asyncio.to_thread(lambda: render(scrape.collect()))
 
     async def _pod_devices(self, link: PublisherLink, socket_path: Path) -> PodDevices:
+        if self._pod_resources is None or self._pod_resources.socket != socket_path:
+            if self._pod_resources is not None:
+                await self._pod_resources.close()
+            self._pod_resources = PodResourcesClient(socket_path)
         try:
-            found = await list_pod_devices(socket_path, self._timeout)
+            found = pod_devices(await self._pod_resources.list(self._timeout))
         except PodResourcesUnavailable as exc:
             link.degraded(f"metrics carry no pod labels: {exc}")
             return {}
