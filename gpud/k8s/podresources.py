@@ -11,7 +11,6 @@ not gpud's, and pod-level CPU and memory are irrelevant here.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -78,9 +77,8 @@ class PodResourcesClient:
     """A channel to kubelet's PodResources kept between calls, for a caller that asks on every
     Prometheus scrape: dialing the socket anew costs several times the ``List`` itself.
 
-    A call that fails on a kept channel is tried once more on a fresh one, and a channel that
-    failed is dropped, so a kubelet restart costs no scrape its pods (gRPC would otherwise make
-    the old channel wait out its reconnect backoff).
+    gRPC reconnects a kept channel when kubelet restarts; a channel whose call failed is dropped
+    all the same, so the next call dials afresh instead of waiting out gRPC's reconnect backoff.
     """
 
     def __init__(self, socket: Path) -> None:
@@ -95,15 +93,10 @@ class PodResourcesClient:
                 "running on this node, or its root directory is elsewhere "
                 "(set paths.podResourcesSocket)"
             )
-        kept = self._channel is not None
         try:
             return await self._list(timeout)
         except grpc.aio.AioRpcError as exc:
             await self.close()
-            if kept:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    return await self._list(timeout)
-                await self.close()
             raise PodResourcesUnavailable(
                 f"kubelet's PodResources API at {self.socket} did not answer List: "
                 f"{exc.code().name}: {exc.details()}"
