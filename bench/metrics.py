@@ -12,8 +12,10 @@ by the fake library itself; the simulated backend makes none.
 
 RSS: VmRSS of gpud with ``metrics.enabled: false`` and with it on after the timed scrapes, same
 machine and pods. Idle: gpud's ticks (/proc/<pid>/stat) over ``--idle`` seconds with metrics
-on and nobody scraping any more (after the timed scrapes, so the kept PodResources channel and
-the worker thread that read the GPUs exist), per thread as bench/idle.py reports them.
+on and nobody scraping any more (``--settle`` seconds after the timed scrapes, so the kept
+PodResources channel and the scrape's worker thread exist), and the same window of the node with
+metrics disabled; per thread, the threads that ran. gRPC's own threads (the control API and the
+plugins use gRPC) wake now and then on any gpud; metrics adds no thread that wakes by itself.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def rss_mib(pid: int) -> float:
     return kib(status_fields(Path(f"/proc/{pid}/status"))["VmRSS"])
 
 
-def node_case(mig: bool, scrapes: int, idle_s: float) -> dict[str, object]:
+def node_case(mig: bool, scrapes: int, idle_s: float, settle_s: float) -> dict[str, object]:
     out: dict[str, object] = {}
     with running_node("metrics", setup=lambda root: config(root, True)) as node:
         podres = FakePodResources(node.root / "podres.sock").start()
@@ -117,32 +119,46 @@ def node_case(mig: bool, scrapes: int, idle_s: float) -> dict[str, object]:
             out["pods"] = len(podres.pods)
             out["rss_mib"] = round(rss_mib(pid), 1)
             if not mig:
-                time.sleep(2.0)
-                ticks0, before = cpu_ticks(pid), threads(pid)
-                time.sleep(idle_s)
-                after = threads(pid)
-                out["idle_ticks"] = cpu_ticks(pid) - ticks0
-                out["idle_threads_that_ran"] = [
-                    {
-                        "name": t["name"],
-                        "ticks": t["ticks"] - before.get(tid, {"ticks": 0})["ticks"],
-                    }
-                    for tid, t in after.items()
-                    if t["ticks"] != before.get(tid, {"ticks": 0})["ticks"]
-                ]
+                out["idle_ticks"], out["idle_threads_that_ran"] = idle_window(pid, settle_s, idle_s)
         finally:
             podres.stop()
     return out
 
 
-def rss_without_metrics() -> float:
+def idle_window(pid: int, settle_s: float, idle_s: float) -> tuple[int, list[dict[str, object]]]:
+    """gpud's ticks over ``idle_s`` after ``settle_s``, and the threads that ran (exact on-CPU
+    time from schedstat, ticks)."""
+    time.sleep(settle_s)
+    ticks0, before = cpu_ticks(pid), threads(pid)
+    time.sleep(idle_s)
+    after, ticks = threads(pid), cpu_ticks(pid) - ticks0
+    zero = {"ticks": 0, "runtime_ns": 0}
+    ran: list[dict[str, object]] = [
+        {
+            "name": t["name"],
+            "ticks": t["ticks"] - before.get(tid, zero)["ticks"],
+            "cpu_ms": round((t["runtime_ns"] - before.get(tid, zero)["runtime_ns"]) / 1e6, 3),
+        }
+        for tid, t in after.items()
+        if t["runtime_ns"] != before.get(tid, zero)["runtime_ns"]
+    ]
+    return ticks, ran
+
+
+def without_metrics(settle_s: float, idle_s: float) -> dict[str, object]:
+    """The same node with metrics.enabled false: its RSS, and its idle window for comparison."""
     with running_node("nometrics", setup=lambda root: config(root, False)) as node:
         podres = FakePodResources(node.root / "podres.sock").start()
         try:
             pid = node.gpud.pid
             assert pid is not None
-            time.sleep(1.0)
-            return round(rss_mib(pid), 1)
+            node.gpud._close_channel()
+            ticks, ran = idle_window(pid, settle_s, idle_s)
+            return {
+                "rss_mib": round(rss_mib(pid), 1),
+                "idle_ticks": ticks,
+                "idle_threads_that_ran": ran,
+            }
         finally:
             podres.stop()
 
@@ -187,14 +203,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scrapes", type=int, default=200, help="timed scrapes per case")
     ap.add_argument("--idle", type=float, default=30.0, help="idle window, s (default 30)")
+    ap.add_argument(
+        "--settle", type=float, default=10.0, help="pause after the scrapes, before the window, s"
+    )
     args = ap.parse_args()
 
     log("metrics: dgx-a100 whole GPUs, 8 pods (and the idle window)")
-    whole = node_case(False, args.scrapes, args.idle)
+    whole = node_case(False, args.scrapes, args.idle, args.settle)
     log("metrics: dgx-a100 all-1g.5gb, 56 pods")
-    mig = node_case(True, args.scrapes, args.idle)
+    mig = node_case(True, args.scrapes, args.idle, args.settle)
     log("metrics: gpud with metrics disabled")
-    without = rss_without_metrics()
+    without = without_metrics(args.settle, args.idle)
     log("metrics: NVML calls per scrape (fake NVML, in process)")
     nvml = nvml_calls_per_gpu(args.scrapes // 4 or 1)
 
@@ -205,8 +224,9 @@ def main() -> int:
         "scrape_mig56_p99_ms": mig["scrape"]["p99"],  # type: ignore[index]
         "nvml_calls_per_scrape_per_gpu": nvml["nvml_calls_per_scrape_per_gpu"],
         "sim_nvml_calls_per_scrape": 0,
-        "rss_added_mib": round(float(whole["rss_mib"]) - without, 1),  # type: ignore[arg-type]
+        "rss_added_mib": round(float(whole["rss_mib"]) - float(without["rss_mib"]), 1),  # type: ignore[arg-type]
         "idle_ticks": whole["idle_ticks"],
+        "idle_ticks_metrics_disabled": without["idle_ticks"],
     }
     emit(
         "metrics",
@@ -226,8 +246,9 @@ def main() -> int:
         detail={
             "whole_gpus": whole,
             "all_1g_5gb": mig,
-            "rss_without_metrics_mib": without,
+            "metrics_disabled": without,
             "idle_s": args.idle,
+            "settle_s": args.settle,
             "fake_nvml_dgx_a100": nvml,
         },
     )
