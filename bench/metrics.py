@@ -113,8 +113,12 @@ def node_case(mig: bool, scrapes: int, idle_s: float, settle_s: float) -> dict[s
             assert pid is not None
             address = metrics_address(node.gpud)
             node.gpud._close_channel()
+            ticks0 = cpu_ticks(pid)
             durations, size = scrape_times(address, scrapes)
+            ticks = cpu_ticks(pid) - ticks0
             out["scrape"] = summary_ms(durations)
+            # gpud's own CPU per scrape: what a loaded machine's wall times cannot show.
+            out["gpud_cpu_ms_per_scrape"] = round(ticks / CLK_TCK * 1000 / (scrapes + 3), 2)
             out["exposition_bytes"] = size
             out["pods"] = len(podres.pods)
             out["rss_mib"] = round(rss_mib(pid), 1)
@@ -222,6 +226,8 @@ def main() -> int:
         "scrape_whole_p99_ms": whole["scrape"]["p99"],  # type: ignore[index]
         "scrape_mig56_p50_ms": mig["scrape"]["p50"],  # type: ignore[index]
         "scrape_mig56_p99_ms": mig["scrape"]["p99"],  # type: ignore[index]
+        "gpud_cpu_whole_ms_per_scrape": whole["gpud_cpu_ms_per_scrape"],
+        "gpud_cpu_mig56_ms_per_scrape": mig["gpud_cpu_ms_per_scrape"],
         "nvml_calls_per_scrape_per_gpu": nvml["nvml_calls_per_scrape_per_gpu"],
         "sim_nvml_calls_per_scrape": 0,
         "rss_added_mib": round(float(whole["rss_mib"]) - float(without["rss_mib"]), 1),  # type: ignore[arg-type]

@@ -58,6 +58,7 @@ COMMON_MODULES = {
     "google",
     "gpud",
     "pydantic",
+    "prometheus_client",
     "pynvml.py",
     "pyudev",
     "tomlkit",
