@@ -6,6 +6,7 @@ and order, values, what is absent, MIG rows and pods (shared/reference/cluster-i
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gpud.config.load import ConfigError, parse
 from gpud.hw.sim.backend import SimBackend
+from gpud.metrics.address import parse_listen
 from gpud.metrics.dcgm import FIELDS_AFTER_XID, FIELDS_BEFORE_XID, dcgm_families, entities
 from gpud.metrics.exposition import render
 from gpud.metrics.own import own_families
@@ -294,3 +297,25 @@ def test_the_exposition_parses_and_promtool_finds_only_dcgm_exporters_own_names(
     unjustified = [p for p in problems if not (p.startswith("DCGM_FI_") and p.endswith(justified))]
     assert unjustified == [], check.stdout + check.stderr
     assert any("_total" in p for p in problems), "promtool ran and saw dcgm-exporter's counters"
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [(":9400", None, 9400), ("127.0.0.1:9400", "127.0.0.1", 9400), ("[::1]:9400", "::1", 9400)],
+)
+def test_listen_addresses_are_spelled_as_dcgm_exporters(
+    text: str, host: str | None, port: int
+) -> None:
+    address = parse_listen(text)
+    assert (address.host, address.port) == (host, port)
+    assert str(address) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["9400", "::1:9400", "[::1:9400", "[nope]:9400", ":http", ":70000"]
+)
+def test_a_bad_listen_address_says_what_is_wrong(text: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(text))):
+        parse_listen(text)
+    with pytest.raises(ConfigError, match=r"metrics\.listen"):
+        parse(f"version: v1\nmetrics:\n  listen: '{text}'\n")
