@@ -108,6 +108,15 @@ class MetricsPublisher:
                 f"cannot serve /metrics on {self._listen} (metrics.listen, --metrics-listen): "
                 f"{reason}",
             ) from exc
+        if not self._server.sockets:
+            # Python before 3.13 skips an address family it may not use (a sandbox without
+            # AF_INET) and serves nowhere rather than fail.
+            self._server.close()
+            self._server = None
+            raise ListenFailed(
+                f"cannot serve /metrics on {self._listen} (metrics.listen, --metrics-listen): "
+                "no socket could be made for it (are TCP sockets forbidden to gpud?)"
+            )
         link.set_detail(f"serving /metrics on {', '.join(self.addresses())}")
 
     def addresses(self) -> list[str]:
