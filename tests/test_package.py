@@ -786,7 +786,17 @@ def test_install_into_an_image_without_systemd_running(
         notify.bind(str(notify_path))
         notify.settimeout(120)
         daemon = subprocess.Popen(
-            image.command(["env", "NOTIFY_SOCKET=/run/notify.sock", "gpud", "run"]),
+            # The image shares the host's network: a free port, not the host's :9400.
+            image.command(
+                [
+                    "env",
+                    "NOTIFY_SOCKET=/run/notify.sock",
+                    "gpud",
+                    "run",
+                    "--metrics-listen",
+                    "127.0.0.1:0",
+                ]
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

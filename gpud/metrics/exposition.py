@@ -18,8 +18,6 @@ from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_TYPES = {"counter": "counter", "gauge": "gauge"}
-
 
 def render(families: Iterable[Metric]) -> bytes:
     """The exposition of ``families`` (counters and gauges); a family without samples is left
@@ -30,9 +28,9 @@ def render(families: Iterable[Metric]) -> bytes:
     for family in families:
         if not family.samples:
             continue
-        kind = _TYPES.get(family.type)
-        if kind is None:
-            raise ValueError(f"{family.name}: cannot write a {family.type} family")
+        kind = family.type
+        if kind not in ("counter", "gauge"):
+            raise ValueError(f"{family.name}: cannot write a {kind} family")
         name = family.samples[0].name
         out.append(f"# HELP {name} {_help(family.documentation)}\n# TYPE {name} {kind}\n")
         for sample in family.samples:
