@@ -505,7 +505,8 @@ def _serves_the_simulated_node(node: Container) -> dict[str, object]:
     assert len(status["gpus"]) == 8, status
     # /metrics on dcgm-exporter's port, through the unit's sandbox (RestrictAddressFamilies).
     (metrics,) = [p for p in status["publishers"] if p["name"] == "metrics"]
-    assert metrics["detail"].startswith("serving /metrics on 0.0.0.0:9400"), metrics
+    where = metrics["detail"].removeprefix("serving /metrics on ").split(", ")
+    assert "0.0.0.0:9400" in where, metrics
     scrape = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9400/metrics').read())"
     body = node.run(["python3", "-c", scrape]).stdout
     assert body.count("DCGM_FI_DEV_GPU_UTIL{") == 8, body[-2000:]
