@@ -32,6 +32,19 @@ exit status: 0 success, 1 failure, 2 invalid input (bad flags or config)
 """
 
 
+def _node_name(value: str) -> str:
+    from pydantic import ValidationError
+
+    from gpud.config.models import Kubernetes
+
+    try:
+        Kubernetes(node_name=value)
+    except ValidationError as exc:
+        why = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise argparse.ArgumentTypeError(why) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Public so that gpud.cli.completion reads the same parser the command runs."""
     p = argparse.ArgumentParser(
@@ -62,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         metavar="ADDR",
         help="where /metrics is served: :PORT for every address, HOST:PORT or [IPV6]:PORT (:9400)",
+    )
+    run.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="PATH",
+        help="kubeconfig for gpud's link to the API server (default: the kubelet's own)",
+    )
+    run.add_argument(
+        "--node-name",
+        type=_node_name,
+        metavar="NAME",
+        help="this node's Node name (default: the kubelet credential's, else the hostname)",
     )
 
     boot = sub.add_parser(
@@ -111,6 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         nfd_dir=args.nfd_dir,
         metrics_listen=args.metrics_listen,
+        kubeconfig=args.kubeconfig,
+        node_name=args.node_name,
     )
     try:
         settings = resolve(args.config, overrides)

@@ -26,6 +26,10 @@ from pydantic.alias_generators import to_camel
 from gpud.labels.names import static_key_problem, value_problem
 from gpud.metrics.address import parse_listen
 
+# A Node's name: a DNS-1123 subdomain.
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_NODE_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
+
 DEFAULT_IGNORED_XIDS: tuple[int, ...] = (13, 31, 43, 45, 68, 109)
 """XIDs caused by applications, not by the GPU (the NVIDIA device plugin's list)."""
 
@@ -295,6 +299,30 @@ class Labels(_Strict):
     nfd: Nfd = Field(default_factory=Nfd)
 
 
+class Kubernetes(_Strict):
+    """``kubernetes``: gpud's own link to the API server (labels on its Node), with the kubelet's
+    credentials unless told otherwise. See docs/cluster.md."""
+
+    # None: on when a kubeconfig is found (this key, else the kubelet's own), off without a word
+    # otherwise. true: missing credentials are an error shown in status. false: off.
+    enabled: bool | None = None
+    # A kubeconfig file; unset: the kubelet's (kubeadm, MicroK8s, k3s). `gpud run --kubeconfig`.
+    kubeconfig: Path | None = None
+    # This node's Node name; unset: the kubelet credential's (system:node:<name>), else the
+    # hostname. `gpud run --node-name`.
+    node_name: str | None = None
+
+    @field_validator("node_name")
+    @classmethod
+    def _node_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NODE_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a Node name (lower-case letters, digits, '-' and '.', "
+                "at most 253 characters)"
+            )
+        return value
+
+
 class Toolkit(_Strict):
     """Where ``gpudctl toolkit install`` gets nvidia-container-toolkit when apt does not know it.
 
@@ -376,6 +404,7 @@ class Config(_Strict):
     sharing: Sharing = Field(default_factory=Sharing)
     mig: Mig = Field(default_factory=Mig)
     labels: Labels = Field(default_factory=Labels)
+    kubernetes: Kubernetes = Field(default_factory=Kubernetes)
     toolkit: Toolkit = Field(default_factory=Toolkit)
     driver: Driver = Field(default_factory=Driver)
     apt: Apt = Field(default_factory=Apt)

@@ -15,6 +15,7 @@ from gpud.daemon.settings import Settings
 from gpud.deviceplugin.publisher import KubeletPublisher
 from gpud.host import cdi
 from gpud.hw.backend import Backend
+from gpud.kube.publisher import KubernetesPublisher
 from gpud.labels.publisher import LabelsPublisher
 from gpud.metrics.address import parse_listen
 from gpud.metrics.publisher import MetricsPublisher
@@ -23,8 +24,8 @@ from gpud.metrics.publisher import MetricsPublisher
 def compose(settings: Settings, backend: Backend, *, cdi_spec: Path = cdi.DEFAULT_OUTPUT) -> Daemon:
     """The daemon with the control API (started first; another gpud on its socket stops this
     one), kubelet's device plugins (awaited by every reconcile pass), the node labels (whose
-    control API answer, ``gpudctl labels``, is what the labels publisher last published) and,
-    unless disabled, Prometheus' ``/metrics``."""
+    control API answer, ``gpudctl labels``, is what the labels publisher last published),
+    unless disabled, Prometheus' ``/metrics``, and the link to the Kubernetes API."""
     daemon = Daemon(settings, backend, cdi_spec=cdi_spec)
     paths = settings.config.paths
     labels = LabelsPublisher()
@@ -38,4 +39,6 @@ def compose(settings: Settings, backend: Backend, *, cdi_spec: Path = cdi.DEFAUL
         # rather than leaving Prometheus with nothing to scrape behind a running daemon.
         publisher = MetricsPublisher(parse_listen(metrics.listen), backend)
         daemon.publishers.add(publisher, required=True)
+    # Labels on gpud's own Node through the API server, with the kubelet's credentials.
+    daemon.publishers.add(KubernetesPublisher())
     return daemon

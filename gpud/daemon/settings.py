@@ -28,6 +28,8 @@ class Overrides:
     log_level: str | None = None
     nfd_dir: Path | None = None
     metrics_listen: str | None = None
+    kubeconfig: Path | None = None
+    node_name: str | None = None
 
     def apply(self, cfg: Config) -> Config:
         paths = {
@@ -52,6 +54,11 @@ class Overrides:
             top["labels"] = cfg.labels.model_copy(update={"nfd": nfd})
         if self.metrics_listen is not None:
             top["metrics"] = cfg.metrics.model_copy(update={"listen": self.metrics_listen})
+        kube = {
+            k: v for k, v in (("kubeconfig", self.kubeconfig), ("node_name", self.node_name)) if v
+        }
+        if kube:
+            top["kubernetes"] = cfg.kubernetes.model_validate(cfg.kubernetes.model_dump() | kube)
         return cfg.model_copy(update=top)
 
 

@@ -1,0 +1,215 @@
+"""gpud's one client for the API server: lightkube, loaded when first needed, and errors an
+operator can act on.
+
+Every part of gpud that talks to the cluster (the labels on the Node now; Events, the node
+condition and the MIG label later) goes through :class:`KubeClient`, so they share one
+connection, one field manager ("gpud") and one way of saying what went wrong. lightkube is
+imported in a worker thread on the first call, never at gpud's start (it costs about 0.2 s of
+CPU). The kubelet rotates its client certificate on disk; the client notices that the
+credential files changed and connects again with the new ones.
+
+:func:`explain` is pure: an API status code and message become one sentence naming the node,
+the identity and what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpud.kube.access import Access
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "gpud"
+TIMEOUT_S = 5.0
+
+
+class KubeError(Exception):
+    """A request failed; ``str()`` is the sentence for ``gpudctl status``. ``code`` is the HTTP
+    status (0 when the server could not be reached)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NodeReplaced(KubeError):
+    """The Node gpud knew was deleted (and maybe registered again under the same name)."""
+
+
+def explain(code: int, message: str, access: Access, server: str) -> str:
+    """An API error as an operator reads it: what was refused, who asked, what to check."""
+    node = access.node_name
+    who = access.identity or "the kubeconfig's user"
+    if code == 401:
+        return (
+            f"the API server at {server} does not accept the credential of "
+            f"{access.kubeconfig} (401 Unauthorized: expired, revoked or from another "
+            "cluster); check that the kubelet itself can still reach the API server"
+        )
+    if code == 403:
+        if "is not allowed to modify node" in message or "only its own Node" in message:
+            return (
+                f"{who} is not allowed to modify node {node}: node name / credential mismatch "
+                f"(node name from {access.node_source}; use this node's kubelet kubeconfig or "
+                f"set kubernetes.nodeName to the credential's node). API server: {message}"
+            )
+        return f"{who} is forbidden to change Node {node} (403): {message}"
+    if code == 404:
+        return (
+            f"Node {node} not found: the kubelet has not registered it yet, or the node name "
+            f"(from {access.node_source}) is wrong; kubectl get nodes lists the names"
+        )
+    if code == 409:
+        return (
+            f"labels on Node {node} are held by another field manager with other values (409 "
+            f"Conflict): {message}; remove them there (kubectl label node {node} KEY-) or stop "
+            "the other tool publishing them"
+        )
+    if code == 429:
+        return (
+            f"the API server at {server} is throttling gpud (429 Too Many Requests); retrying "
+            "with backoff"
+        )
+    return f"the API server at {server} answered {code}: {message}"
+
+
+def credential_files(kubeconfig: Path) -> tuple[Path, ...]:
+    """The kubeconfig and the files it names (client certificate and key, CA): what the
+    kubelet rewrites when it rotates its certificate."""
+    files = [kubeconfig]
+    try:
+        doc = yaml.safe_load(kubeconfig.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return tuple(files)
+    entries = [u.get("user") or {} for u in doc.get("users") or ()]
+    entries += [c.get("cluster") or {} for c in doc.get("clusters") or ()]
+    for entry in entries:
+        for key in ("client-certificate", "client-key", "certificate-authority"):
+            if isinstance(entry, dict) and isinstance(entry.get(key), str):
+                path = Path(entry[key])
+                files.append(path if path.is_absolute() else kubeconfig.parent / path)
+    return tuple(files)
+
+
+def _signature(files: tuple[Path, ...]) -> tuple[int, ...]:
+    out = []
+    for path in files:
+        try:
+            out.append(path.stat().st_mtime_ns)
+        except OSError:
+            out.append(0)
+    return tuple(out)
+
+
+def _connect(kubeconfig: Path) -> tuple[Any, str]:
+    """A lightkube AsyncClient for ``kubeconfig`` and its server URL (in a worker thread: the
+    import and the TLS context cost CPU that kubelet's gRPC must not wait for)."""
+    import httpx2
+    from lightkube import AsyncClient, KubeConfig
+
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a journal line per request
+    config = KubeConfig.from_file(kubeconfig)
+    single = config.get()
+    if single is None:
+        raise KubeError(f"{kubeconfig} has no current context")
+    client = AsyncClient(
+        single, field_manager=FIELD_MANAGER, timeout=httpx2.Timeout(TIMEOUT_S), trust_env=False
+    )
+    return client, single.cluster.server
+
+
+class KubeClient:
+    """The API server as gpud's cluster-facing parts use it, with ``access``'s credentials."""
+
+    def __init__(self, access: Access) -> None:
+        if access.kubeconfig is None:
+            raise ValueError("the link is off: " + access.off_reason)
+        self.access = access
+        self.server = ""
+        self._kubeconfig = access.kubeconfig
+        self._client: Any = None
+        self._files = credential_files(self._kubeconfig)
+        self._signature: tuple[int, ...] = ()
+
+    async def _ready(self) -> Any:
+        signature = _signature(self._files)
+        if self._client is not None and signature == self._signature:
+            return self._client
+        if self._client is not None:
+            log.info("credential files of %s changed: connecting again", self._kubeconfig)
+            await self.close()
+        try:
+            self._client, self.server = await asyncio.to_thread(_connect, self._kubeconfig)
+        except KubeError:
+            raise
+        except Exception as exc:  # lightkube's ConfigError, ssl.SSLError, OSError, ...
+            raise KubeError(f"cannot use {self._kubeconfig}: {exc}") from exc
+        self._signature = signature
+        return self._client
+
+    async def node_uid(self) -> str:
+        """The UID of gpud's own Node (its identity across a delete and re-registration)."""
+        from lightkube.resources.core_v1 import Node
+
+        client = await self._ready()
+        node = await self._call(client.get(Node, self.access.node_name))
+        return str(node.metadata.uid)
+
+    async def apply_node_labels(self, uid: str, labels: Mapping[str, str]) -> None:
+        """Server-side apply of exactly ``labels`` to the Node under field manager "gpud": a
+        label gpud applied before and leaves out now is removed, labels of other managers are
+        left alone, and a label another manager holds with another value is a conflict (not
+        forced). ``uid`` makes the apply refuse to create a Node that is gone
+        (:class:`NodeReplaced`)."""
+        from lightkube.resources.core_v1 import Node
+        from lightkube.types import PatchType
+
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.access.node_name, "uid": uid, "labels": dict(labels)},
+        }
+        client = await self._ready()
+        request = client.patch(
+            Node,
+            self.access.node_name,
+            body,
+            patch_type=PatchType.APPLY,
+            field_manager=FIELD_MANAGER,
+        )
+        await self._call(request)
+
+    async def _call(self, request: Any) -> Any:
+        from lightkube import ApiError
+
+        try:
+            return await request
+        except ApiError as exc:
+            code, message = int(exc.status.code or 0), str(exc.status.message or "")
+            if code == 401:
+                self._signature = ()  # connect again next time: the certificate may be new
+            if code == 409 and "uid" in message:
+                raise NodeReplaced(message, code) from None
+            raise KubeError(explain(code, message, self.access, self.server), code) from None
+        except Exception as exc:
+            if isinstance(exc, KubeError):
+                raise
+            # httpx2's transport errors: refused, reset, timed out, TLS.
+            raise KubeError(
+                f"cannot reach the API server at {self.server}: {exc or type(exc).__name__}"
+            ) from None
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.close()
+            except Exception as exc:
+                log.debug("closing the API client: %s", exc)
