@@ -232,7 +232,7 @@ def test_status_json_contract(node: Node) -> None:
     assert plugin["registered"] is True
     assert (plugin["devices"], plugin["healthy"]) == (8, 8)
     publishers = {p["name"]: p for p in st["publishers"]}
-    assert list(publishers) == ["control-api", "kubelet", "labels", "metrics"]
+    assert list(publishers) == ["control-api", "kubelet", "labels", "metrics", "kubernetes"]
     assert {p["state"] for p in publishers.values()} == {"ok"}
     assert publishers["control-api"]["detail"] == str(node.gpud.socket)
     assert publishers["metrics"]["detail"].startswith("serving /metrics on 127.0.0.1:")

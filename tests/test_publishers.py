@@ -86,7 +86,7 @@ def test_a_failing_publisher_degrades_alone_shows_in_status_and_loses_no_event(
         await eventually(lambda: broken.tries >= 3)  # retried with backoff, not once
         status = await agent.status()
         names = [p["name"] for p in status["publishers"]]
-        assert names == ["control-api", "kubelet", "labels", "metrics", "broken"]
+        assert names == ["control-api", "kubelet", "labels", "metrics", "kubernetes", "broken"]
         assert publisher(status, "control-api")["state"] == "ok"
         assert publisher(status, "kubelet")["state"] == "ok"
         failed = publisher(status, "broken")

@@ -38,7 +38,8 @@ PLATFORM, BOOTSTRAP, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS = (
     "kubelet",
     "plugins",
 )
-AREAS = (PLATFORM, BOOTSTRAP, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS)
+CLUSTER = "cluster"
+AREAS = (PLATFORM, BOOTSTRAP, DRIVER, TOOLKIT, CDI, DAEMON, GPUS, KUBELET, PLUGINS, CLUSTER)
 
 START_GPUD = "sudo systemctl start gpud (without systemd: sudo gpud run)"
 _REMOVE_OTHER = "remove the other gpud first: the other gpud line above says how"
@@ -116,6 +117,8 @@ class DaemonView:
     resource_error: str = ""
     gpus: tuple[GpuView, ...] = field(default=())
     plugins: tuple[PluginView, ...] = field(default=())
+    # The publishers' status rows (gpudctl status -o json's "publishers").
+    publishers: tuple[dict[str, Any], ...] = field(default=())
 
     @classmethod
     def from_status(cls, socket: str, st: dict[str, Any]) -> DaemonView:
@@ -143,6 +146,7 @@ class DaemonView:
                 )
                 for p in st.get("plugins", ())
             ),
+            publishers=tuple(st.get("publishers", ())),
         )
 
 
@@ -516,6 +520,26 @@ def _plugins(daemon: DaemonView | None) -> list[Check]:
     return out
 
 
+def _cluster(daemon: DaemonView | None) -> list[Check]:
+    """The link to the API server (gpud's labels on its Node): on, off and why, or failing."""
+    link = (
+        next((p for p in daemon.publishers if p["name"] == "kubernetes"), None) if daemon else None
+    )
+    if link is None:
+        return []
+    if link["state"] == "degraded":
+        return [
+            Check(
+                CLUSTER,
+                "API link",
+                False,
+                link["error"],
+                "see docs/cluster.md (troubleshooting); gpud retries on its own",
+            )
+        ]
+    return [Check(CLUSTER, "API link", True, link["detail"] or link["state"])]
+
+
 def diagnose(
     platform: Platform,
     driver: DriverStatus,
@@ -545,6 +569,7 @@ def diagnose(
         *_gpus(daemon),
         *_kubelet(platform, daemon, kubelet_sock),
         *_plugins(daemon),
+        *_cluster(daemon),
     ]
     return Report(tuple(checks))
 
