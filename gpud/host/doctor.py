@@ -522,11 +522,11 @@ def _plugins(daemon: DaemonView | None) -> list[Check]:
 
 def _cluster(daemon: DaemonView | None) -> list[Check]:
     """The link to the API server (gpud's labels on its Node): on, off and why, or failing."""
-    link = (
-        next((p for p in daemon.publishers if p["name"] == "kubernetes"), None) if daemon else None
-    )
+    if daemon is None:
+        return [Check(CLUSTER, "API link", None, "unknown: gpud is not running")]
+    link = next((p for p in daemon.publishers if p["name"] == "kubernetes"), None)
     if link is None:
-        return []
+        return [Check(CLUSTER, "API link", None, "unknown: this gpud reports no API link")]
     if link["state"] == "degraded":
         return [
             Check(
