@@ -102,6 +102,9 @@ def toolkit(**changes: object) -> ToolkitStatus:
     return replace(status, problems=judge_status(status))
 
 
+LINK_OFF = {"name": "kubernetes", "state": "ok", "error": "", "detail": "off: no kubeconfig"}
+
+
 def daemon(**changes: object) -> DaemonView:
     view = DaemonView(
         socket="/run/gpud/gpud.sock",
@@ -112,6 +115,7 @@ def daemon(**changes: object) -> DaemonView:
         kubelet_connected=True,
         gpus=(GpuView(0, UUID0, "Healthy"),),
         plugins=(PluginView("nvidia.com/gpu", True, 1, 1),),
+        publishers=(LINK_OFF,),
     )
     return replace(view, **changes)  # type: ignore[arg-type]
 
@@ -139,6 +143,20 @@ def test_unknown_is_not_a_failure() -> None:
     assert [(c.area, c.name) for c in unknown] == [("driver", "secure boot")]
     line = next(t for t in report_table(report).splitlines() if "secure boot" in t)
     assert line.startswith("?   driver")
+
+
+def test_the_api_link_line_says_off_or_why_it_fails() -> None:
+    def line(**changes: object) -> tuple[bool | None, str, str]:
+        report = diagnose(platform(), driver(), toolkit(), daemon(**changes), None)
+        (found,) = [c for c in report.checks if c.area == "cluster"]
+        return found.ok, found.detail, found.fix
+
+    assert line() == (True, "off: no kubeconfig", "")
+    mismatch = "system:node:other is not allowed to modify node gpu-node-1: ..."
+    failing = dict(LINK_OFF, state="degraded", error=mismatch, detail="node gpu-node-1")
+    ok, detail, fix = line(publishers=(failing,))
+    assert (ok, detail) == (False, mismatch) and "docs/cluster.md" in fix
+    assert line(publishers=())[0] is None
 
 
 def bootstrap_line(view: BootstrapView | None) -> tuple[bool | None, str, str]:
