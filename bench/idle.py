@@ -84,9 +84,15 @@ def main() -> int:
         action="store_true",
         help="gpud waiting for a driver that is not loaded, instead of serving 8 GPUs",
     )
+    ap.add_argument("--kubeconfig", type=Path, help="gpud run --kubeconfig: with the API link on")
     args = ap.parse_args()
 
-    node_cm = node_without_driver("idle") if args.no_driver else running_node("idle")
+    kube = ("--kubeconfig", str(args.kubeconfig)) if args.kubeconfig else ()
+    node_cm = (
+        node_without_driver("idle")
+        if args.no_driver
+        else running_node("idle", setup=lambda _root: kube)
+    )
     with node_cm as node:
         pid = node.gpud.pid
         assert pid is not None

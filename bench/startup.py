@@ -98,6 +98,7 @@ def start_once(node: Node, root: Path, tag: str, env: dict[str, str]) -> tuple[f
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10, help="gpud starts per mode (default 10)")
+    ap.add_argument("--kubeconfig", type=Path, help="gpud run --kubeconfig: with the API link on")
     args = ap.parse_args()
 
     runs: dict[str, list[float]] = {"cached": [], "as_is": []}
@@ -106,7 +107,9 @@ def main() -> int:
         # .pyc files out of the source tree. PYTHONDONTWRITEBYTECODE='' means "not set".
         cached = {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(root / "pyc")}
         as_is: dict[str, str] = {}
-        node = make_node(root)
+        node = make_node(
+            root, extra=("--kubeconfig", str(args.kubeconfig)) if args.kubeconfig else ()
+        )
         node.kubelet.start()
         try:
             floor = interpreter_floor(max(3, args.runs))
