@@ -117,6 +117,17 @@ def common_distributions(records: Mapping[str, Mapping[str, bytes]]) -> set[str]
     }
 
 
+def common_top_levels(owners: Mapping[str, set[str]], shared: set[str]) -> set[str]:
+    """The top-level names that go to ``common``: those that only shared distributions install
+    into. ``owners`` maps each distribution to its top-level names; two distributions may share
+    one (lightkube-models installs into lightkube's ``lightkube/models``), and it moves once."""
+    tops: dict[str, set[str]] = {}
+    for dist, names in owners.items():
+        for name in names:
+            tops.setdefault(name, set()).add(dist)
+    return {name for name, dists in tops.items() if dists <= shared}
+
+
 # --- interpreters ---------------------------------------------------------------------------------
 
 
@@ -335,12 +346,12 @@ def build(dest: Path, pythons: Sequence[Python], work: Path) -> None:
     _tidy(common)
     shared = common_distributions({abi: _records(stage) for abi, stage in stages.items()})
     for abi, stage in stages.items():
-        for dist in sorted(shared):
-            for top in _top_levels(stage / dist):
-                if abi == pythons[0].abi:
-                    shutil.move(str(stage / top), str(common / top))
-                else:
-                    _remove(stage / top)
+        owners = {dist: _top_levels(stage / dist) for dist in _records(stage)}
+        for top in sorted(common_top_levels(owners, shared)):
+            if abi == pythons[0].abi:
+                shutil.move(str(stage / top), str(common / top))
+            else:
+                _remove(stage / top)
         shutil.move(str(stage), str(dest / abi))
     _normalize(dest)
 

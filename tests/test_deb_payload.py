@@ -13,6 +13,7 @@ from pathlib import Path
 from scripts.deb_payload import (
     SUPPORTED,
     common_distributions,
+    common_top_levels,
     depends,
     platform_tags,
     split_lock,
@@ -67,3 +68,21 @@ def test_a_build_without_every_cpython_stops_at_once_naming_them(tmp_path: Path)
     assert f"CPython 3.10: {tmp_path / 'python3.10'}: " in out.stderr, out.stderr
     assert "pyenv install" in out.stderr and "--python 3.X=" in out.stderr
     assert not list((tmp_path / "dist").glob("*.deb"))
+
+
+def test_a_top_level_two_distributions_install_into_moves_once_and_only_when_both_are_shared() -> (
+    None
+):
+    owners = {
+        "lightkube-1.0.1.dist-info": {"lightkube", "lightkube-1.0.1.dist-info"},
+        "lightkube_models-1.36.3.8.dist-info": {"lightkube", "lightkube_models-1.36.3.8.dist-info"},
+        "grpcio-1.dist-info": {"grpc", "grpcio-1.dist-info"},
+    }
+    both = {"lightkube-1.0.1.dist-info", "lightkube_models-1.36.3.8.dist-info"}
+    assert common_top_levels(owners, both) == {
+        "lightkube",
+        "lightkube-1.0.1.dist-info",
+        "lightkube_models-1.36.3.8.dist-info",
+    }
+    one = {"lightkube-1.0.1.dist-info"}
+    assert common_top_levels(owners, one) == {"lightkube-1.0.1.dist-info"}

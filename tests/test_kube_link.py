@@ -245,6 +245,30 @@ def test_a_credential_for_another_node_is_refused_and_status_says_so(
     node.kubelet.wait_devices("nvidia.com/gpu", lambda d: len(d) == 2)
 
 
+def test_a_missing_node_is_reported_never_created_and_a_reload_takes_new_credentials(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    """The administrator's credential could create a Node; gpud's apply carries the UID it
+    read, so a wrong name is "not found", never a new empty Node."""
+    node = start(short_tmp, "a100-40gb:2", config(kube.admin, node_name="ghost"))
+    nodes.append(node)
+    found = wait_link(node, lambda p: p["state"] == "degraded")
+    assert found["error"].startswith("Node ghost not found: "), found
+    assert "ghost" not in kube.kubectl("get", "nodes", "-o", "name")
+    # A reload with credentials that do not exist, the link required: an error, said so.
+    missing = short_tmp / "missing.kubeconfig"
+    (short_tmp / "gpud.yaml").write_text(
+        f"version: v1\nkubernetes:\n  enabled: true\n  kubeconfig: {missing}\n"
+        f"paths:\n  podResourcesSocket: {node.podres_socket}\n"
+    )
+    assert node.gpudctl("config", "reload").returncode == 0
+    found = wait_link(node, lambda p: "does not exist" in p["error"])
+    assert found["state"] == "degraded"
+    assert found["error"] == (
+        f"the API link is off: kubernetes.kubeconfig {missing} does not exist or is not a file"
+    )
+
+
 def test_no_credentials_the_link_is_off_and_says_why(short_tmp: Path, nodes: list[MigNode]) -> None:
     from gpud.kube.access import KUBELET_KUBECONFIGS
 
