@@ -306,3 +306,48 @@ def test_the_api_server_gone_and_back_kubelet_served_throughout_labels_converge(
     )
     wait_link(node, lambda p: p["state"] == "ok", timeout=10)
     assert node.kubelet.allocate(MIG_1G, [sorted(node.kubelet.devices(MIG_1G))[0]])
+
+
+def test_credentials_that_appear_later_are_found_without_a_change_or_reload(
+    kube: Cluster, tmp_path: Path
+) -> None:
+    """A node often joins the cluster after gpud is installed: the kubelet's kubeconfig shows
+    up while gpud runs, and the link, off until then, comes on by itself."""
+    import asyncio
+    from dataclasses import replace
+
+    from gpud.hw.sim.backend import SimBackend
+    from gpud.kube.publisher import KubernetesPublisher
+    from gpud.node.hub import Publishers
+    from gpud.node.state import PluginStatus
+    from gpud.node.stats import NodeStats
+    from tests.support.snapshot import snapshot
+
+    backend = SimBackend("a100-40gb:2", tmp_path / "sim")
+    backend.open()
+    state = snapshot(backend, "version: v1\nlabels:\n  static: {example.com/late: joined}\n")
+    registered = tuple(PluginStatus(rs.resource, "s", True) for rs in state.resources)
+    state = replace(state, plugins=registered)
+    kubelet_conf = tmp_path / "kubelet.conf"
+
+    def kubelet_only(cfg: Kubernetes) -> Access:
+        return resolve(cfg, candidates=(("kubeadm", kubelet_conf),))
+
+    async def scenario() -> None:
+        hub = Publishers(state, requests=None, stats=NodeStats())  # type: ignore[arg-type]
+        hub.add(KubernetesPublisher(resolve=kubelet_only, recheck_s=0.2))
+        await hub.start()
+        try:
+            await asyncio.sleep(0.5)
+            (status,) = hub.statuses()
+            assert status.state == "ok" and status.detail.startswith("off: no kubeconfig")
+            kubelet_conf.write_text(kube.node_kubeconfig.read_text())
+            deadline = time.monotonic() + 15
+            while "labels applied" not in hub.statuses()[0].detail:
+                assert time.monotonic() < deadline, hub.statuses()
+                await asyncio.sleep(0.1)
+        finally:
+            await hub.stop()
+
+    asyncio.run(scenario())
+    assert kube.labels()["example.com/late"] == "joined"

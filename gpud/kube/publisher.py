@@ -36,6 +36,9 @@ from gpud.node.state import NodeState
 log = logging.getLogger(__name__)
 
 REGISTRATION_WAIT_S = 10.0
+# While off for want of credentials, look for the kubelet's kubeconfig again this often: a node
+# often joins the cluster after gpud was installed (cloud-init, then kubeadm join).
+RECHECK_S = 60.0
 _POLL_S = 0.05
 
 
@@ -53,8 +56,13 @@ def registration_pending(state: NodeState) -> bool:
 class KubernetesPublisher:
     name = "kubernetes"
 
-    def __init__(self, resolve: Callable[[Kubernetes], Access] = kube_access.resolve) -> None:
+    def __init__(
+        self,
+        resolve: Callable[[Kubernetes], Access] = kube_access.resolve,
+        recheck_s: float = RECHECK_S,
+    ) -> None:
         self._resolve = resolve
+        self.recheck_s = recheck_s
         self._settings: Kubernetes | None = None
         self._access = Access(None, off_reason="not started")
         self._client: KubeClient | None = None
@@ -64,6 +72,7 @@ class KubernetesPublisher:
         self._warnings: tuple[str, ...] = ()
         self._facts: tuple[tuple[str, ...], str | None, Mapping[str, int]] | None = None
         self._waited = False
+        self._recheck: asyncio.TimerHandle | None = None
 
     async def start(self, link: PublisherLink) -> None:
         self.link = link
@@ -76,6 +85,9 @@ class KubernetesPublisher:
         if not self._access.on:
             if self._access.required:
                 raise LinkOff(f"the API link is off: {self._access.off_reason}")
+            if settings.enabled is None and self._recheck is None:
+                loop = asyncio.get_running_loop()
+                self._recheck = loop.call_later(self.recheck_s, self._look_again)
             return
         if not self._waited:
             await self._await_registration()
@@ -91,11 +103,18 @@ class KubernetesPublisher:
         await self._apply(wanted)
 
     async def stop(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         if self._client is not None:
             await self._client.close()
             self._client = None
 
     # ---- internals -----------------------------------------------------------------------------
+
+    def _look_again(self) -> None:
+        self._recheck = None
+        self.link.republish()
 
     def _configure(self, settings: Kubernetes) -> None:
         self._settings = settings

@@ -141,6 +141,11 @@ class PublisherLink:
         self._entry.problem = ""
         self._hub._refresh(self._entry)
 
+    def republish(self) -> None:
+        """Ask to be handed the latest snapshot again (a publisher that looks for something
+        outside the node state, such as credentials that appear later)."""
+        self._entry.wake.set()
+
     def set_detail(self, detail: str) -> None:
         self._entry.detail = detail
         self._hub._refresh(self._entry)
