@@ -22,16 +22,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from gpud.config.models import Kubernetes
 from gpud.kube import access as kube_access
 from gpud.kube.access import Access
-from gpud.kube.client import KubeClient, KubeError, NodeReplaced
+from gpud.kube.client import KubeError
 from gpud.kube.restriction import kubelet_allowed
-from gpud.labels.facts import read_machine_type, read_pci_classes
-from gpud.labels.snapshot import snapshot_labels
 from gpud.node.hub import PublisherLink, Update
 from gpud.node.state import NodeState
+
+if TYPE_CHECKING:
+    from gpud.kube.client import KubeClient
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +77,15 @@ class KubernetesPublisher:
         self._recheck: asyncio.TimerHandle | None = None
 
     async def start(self, link: PublisherLink) -> None:
+        """Nothing is read before kubelet has its plugins (see :meth:`_await_registration`)."""
         self.link = link
-        self._configure(link.latest().config.kubernetes)
+        link.set_detail("starting after kubelet's device-plugin registration")
 
     async def publish(self, update: Update) -> None:
-        settings = update.state.config.kubernetes
+        if not self._waited:
+            await self._await_registration()
+        state = self.link.latest()
+        settings = state.config.kubernetes
         if settings != self._settings or not self._access.on:
             await self._reconfigure(settings)
         if not self._access.on:
@@ -89,9 +95,6 @@ class KubernetesPublisher:
                 loop = asyncio.get_running_loop()
                 self._recheck = loop.call_later(self.recheck_s, self._look_again)
             return
-        if not self._waited:
-            await self._await_registration()
-        state = self.link.latest() if self._waited else update.state
         wanted, warnings = self._wanted(state)
         if warnings != self._warnings:
             for warning in warnings:
@@ -135,13 +138,15 @@ class KubernetesPublisher:
         """Let kubelet get its plugins before gpud loads the client library (gpud's start
         budget is spent on kubelet); bounded, so a plugin that never settles holds nothing."""
         deadline = time.monotonic() + REGISTRATION_WAIT_S
-        if registration_pending(self.link.latest()):
-            self.link.set_detail("waiting for kubelet's device-plugin registration")
         while registration_pending(self.link.latest()) and time.monotonic() < deadline:
             await asyncio.sleep(_POLL_S)
         self._waited = True
 
     def _wanted(self, state: NodeState) -> tuple[dict[str, str], tuple[str, ...]]:
+        # Imported here: a node without credentials never loads the label code for this link.
+        from gpud.labels.facts import read_machine_type, read_pci_classes
+        from gpud.labels.snapshot import snapshot_labels
+
         bus_ids = tuple(sorted(g.pci_bus_id for g in state.gpus))
         if self._facts is None or self._facts[0] != bus_ids:
             self._facts = (bus_ids, read_machine_type(), read_pci_classes(bus_ids))
@@ -151,6 +156,8 @@ class KubernetesPublisher:
         return allowed, dropped
 
     async def _apply(self, wanted: dict[str, str]) -> None:
+        from gpud.kube.client import KubeClient, NodeReplaced
+
         if self._client is None:
             self._client = KubeClient(self._access)
         for _ in range(2):
