@@ -82,6 +82,7 @@ class KubernetesPublisher:
         link.set_detail("starting after kubelet's device-plugin registration")
 
     async def publish(self, update: Update) -> None:
+        """Make the Node's labels match the newest snapshot (``update``'s or a later one)."""
         if not self._waited:
             await self._await_registration()
         state = self.link.latest()
@@ -178,8 +179,6 @@ class KubernetesPublisher:
         self._show()
 
     def _show(self) -> None:
-        if not hasattr(self, "link"):
-            return
         parts = [self._access.describe()]
         if self._access.on and self._applied is not None:
             parts.append(f"{len(self._applied)} labels applied")
