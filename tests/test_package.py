@@ -54,18 +54,30 @@ NOT_OURS = re.compile(
 # dependency adds its import names here, once its files were checked.
 COMMON_MODULES = {
     "annotated_types",
+    "anyio",
     "asyncinotify",
+    "exceptiongroup",
     "google",
     "gpud",
+    "h11",
+    "h2",
+    "hpack",
+    "httpcore2",
+    "httpx2",
+    "hyperframe",
+    "idna",
+    "lightkube",
     "pydantic",
     "prometheus_client",
     "pynvml.py",
     "pyudev",
     "tomlkit",
+    "truststore",
     "typing_extensions.py",
     "typing_inspection",
+    "wsproto",
 }
-COMPILED_MODULES = {"_yaml", "grpc", "pydantic_core", "systemd", "yaml"}
+COMPILED_MODULES = {"_yaml", "grpc", "msgspec", "pydantic_core", "systemd", "yaml"}
 CP = [abi_tag(v) for v in SUPPORTED]  # cp310 … cp313
 # What the build machine's paths look like: pyenv's interpreters, the payload's build directory.
 BUILD_MACHINE = (b"/.pyenv/", b"gpud-payload-", b"/pip-req-build-", b"/pip-install-")
@@ -88,6 +100,10 @@ import gpud
 for info in pkgutil.walk_packages(gpud.__path__, "gpud."):
     importlib.import_module(info.name)
     loaded.append(info.name)
+# The API link's client, which gpud imports only once the link has credentials.
+for name in ("anyio", "httpcore2", "httpx2", "lightkube", "lightkube.resources.core_v1"):
+    importlib.import_module(name)
+    loaded.append(name)
 print(json.dumps(loaded))
 """
 
@@ -335,7 +351,8 @@ def test_payload_runs_on_every_supported_cpython(
     run(lib / "check-conflicts", "--root", empty)
     loaded = json.loads(run("-c", IMPORT_ALL, lib, abi_tag(version)).stdout)
     assert {"grpc._cython.cygrpc", "pydantic_core._pydantic_core", "yaml._yaml",
-            "systemd._journal", "systemd._daemon", "gpud.daemon"} <= set(loaded)  # fmt: skip
+            "systemd._journal", "systemd._daemon", "gpud.daemon", "msgspec._core",
+            "lightkube.resources.core_v1"} <= set(loaded)  # fmt: skip
 
     kubelet = FakeKubelet(short_tmp / "kubelet")
     daemon = _PayloadGpud(python, payload, short_tmp)
