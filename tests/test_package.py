@@ -100,8 +100,9 @@ import gpud
 for info in pkgutil.walk_packages(gpud.__path__, "gpud."):
     importlib.import_module(info.name)
     loaded.append(info.name)
-# The API link's client, which gpud imports only once the link has credentials.
-for name in ("anyio", "httpcore2", "httpx2", "lightkube", "lightkube.resources.core_v1"):
+# The API link's client, which gpud imports only once the link has credentials (anyio's
+# asyncio backend, which httpcore2 runs on, needs exceptiongroup on 3.10).
+for name in ("anyio._backends._asyncio", "httpcore2", "httpx2", "lightkube.resources.core_v1"):
     importlib.import_module(name)
     loaded.append(name)
 print(json.dumps(loaded))
