@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -39,6 +40,12 @@ KUBELET_KUBECONFIGS: tuple[tuple[str, Path], ...] = (
     ("RKE2", Path("/var/lib/rancher/rke2/agent/kubelet.kubeconfig")),
 )
 NODE_USER_PREFIX = "system:node:"
+
+
+def kubelet_kubeconfigs(root: Path) -> tuple[tuple[str, Path], ...]:
+    """:data:`KUBELET_KUBECONFIGS` below ``root``: the node's own tree is ``/``; a chroot, an
+    image being built or a test's fake tree is ``GPUD_ROOT``, as for ``gpud bootstrap``."""
+    return tuple((name, root / path.relative_to("/")) for name, path in KUBELET_KUBECONFIGS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +85,14 @@ class Access:
 def resolve(
     cfg: Kubernetes,
     *,
-    candidates: tuple[tuple[str, Path], ...] = KUBELET_KUBECONFIGS,
+    candidates: tuple[tuple[str, Path], ...] | None = None,
     hostname: Callable[[], str] = socket.gethostname,
 ) -> Access:
     """The link's credentials and Node name from ``kubernetes.*`` (the command line's
-    ``--kubeconfig``/``--node-name`` are already laid over it)."""
+    ``--kubeconfig``/``--node-name`` are already laid over it); the kubelet's kubeconfig is
+    looked for among ``candidates``, by default below ``GPUD_ROOT`` (else ``/``)."""
+    if candidates is None:
+        candidates = kubelet_kubeconfigs(Path(os.environ.get("GPUD_ROOT") or "/"))
     if cfg.enabled is False:
         return Access(None, off_reason="kubernetes.enabled is false in gpud.yaml")
     required = cfg.enabled is True
