@@ -22,32 +22,18 @@ from gpud._proto.gpud.v1 import gpud_pb2
 from tests.support import mignode
 from tests.support.mignode import MigNode
 from tests.support.node import Node
+from tests.test_labels_gfd import versions
 
 pytestmark = pytest.mark.integration
 
 GPU = "nvidia.com/gpu"
-
-VERSIONS = {
-    "nvidia.com/cuda.driver-version.full": "550.127.05",
-    "nvidia.com/cuda.driver-version.major": "550",
-    "nvidia.com/cuda.driver-version.minor": "127",
-    "nvidia.com/cuda.driver-version.revision": "05",
-    "nvidia.com/cuda.driver.major": "550",
-    "nvidia.com/cuda.driver.minor": "127",
-    "nvidia.com/cuda.driver.rev": "05",
-    "nvidia.com/cuda.runtime-version.full": "12.4",
-    "nvidia.com/cuda.runtime-version.major": "12",
-    "nvidia.com/cuda.runtime-version.minor": "4",
-    "nvidia.com/cuda.runtime.major": "12",
-    "nvidia.com/cuda.runtime.minor": "4",
-}
 
 
 def gfd(product: str, memory: str, family: str, major: str) -> dict[str, str]:
     """GFD's whole-GPU labels for 8 GPUs under gpud's default (mixed, no sharing), on the
     simulated backend, whose machine type and PCI classes are not the host's (unknown)."""
     return {
-        **VERSIONS,
+        **versions(),
         "nvidia.com/gpu.product": product,
         "nvidia.com/gpu.count": "8",
         "nvidia.com/gpu.memory": memory,
