@@ -281,8 +281,7 @@ def test_gpus_without_mig(short_tmp: Path, nodes: list[MigNode], spec: str) -> N
     node = start(short_tmp, spec, "version: v1\nmig:\n  layout: all-disabled\n")
     nodes.append(node)
     # The GPU Operator's default label value, at start: nothing to do, nothing refused.
-    log = node.gpud.log()
-    assert "layout 'all-disabled' at start: unchanged" in log
+    log = node.gpud.wait_log("layout 'all-disabled' at start: unchanged")
     assert "MIG layout not restored" not in log and "refused" not in log
     code, out = node.mig("apply", "-c", "all-disabled")
     assert (code, out["result"], out["mutations"]) == (0, "unchanged", 0), out

@@ -209,6 +209,17 @@ class GpudProcess:
         except FileNotFoundError:
             return ""
 
+    def wait_log(self, text: str, timeout: float = 20.0) -> str:
+        """The log once it contains ``text``. The control socket answers before start-up is
+        over (the MIG restore, the first registration), so a line those write may come after
+        :meth:`wait_ready` returned; polling the file is bounded by ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged in {timeout}s\n{self._log_tail()}")
+            time.sleep(0.05)
+        return log
+
     def _log_tail(self, limit: int = 8000) -> str:
         text = self.log()
         if len(text) > limit:
