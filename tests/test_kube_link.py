@@ -328,7 +328,11 @@ def test_credentials_that_appear_later_are_found_without_a_change_or_reload(
 
     backend = SimBackend("a100-40gb:2", tmp_path / "sim")
     backend.open()
-    state = snapshot(backend, "version: v1\nlabels:\n  static: {example.com/late: joined}\n")
+    state = snapshot(
+        backend,
+        "version: v1\nlabels:\n  static: {example.com/late: joined}\n"
+        "mig:\n  byLabel: {enabled: false}\n",
+    )
     registered = tuple(PluginStatus(rs.resource, "s", True) for rs in state.resources)
     state = replace(state, plugins=registered)
     kubelet_conf = tmp_path / "kubelet.conf"

@@ -8,6 +8,8 @@ speaking real gRPC on unix sockets (tests/support/mignode.py).
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -356,3 +358,35 @@ def test_single_strategy_refuses_mixed_profiles_and_never_leaves_kubelet_stale_d
     assert "single needs one MIG profile" in status.resource_error
     assert "use migStrategy mixed" in status.resource_error
     assert "cannot advertise as configured" in node.gpudctl("status").stdout
+
+
+def test_a_client_that_goes_away_mid_apply_never_leaves_it_half_done(
+    short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    """Ctrl-C (here kill -9) on ``gpudctl mig apply`` ends the client's call; the apply it asked
+    for runs to its end all the same, and kubelet gets the new devices back."""
+    node = start(short_tmp, "dgx-a100")
+    nodes.append(node)
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpud.cli.gpudctl",
+            "--socket",
+            str(node.gpud.socket),
+            "mig",
+            "apply",
+            "-c",
+            "all-1g.5gb",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        node.gpud.wait_log("MIG step 20/128")
+    finally:
+        client.kill()
+        client.wait()
+    node.gpud.wait_log("MIG layout 'all-1g.5gb' applied with 128 NVML calls")
+    node.kubelet.wait_devices("nvidia.com/mig-1g.5gb", lambda d: len(d) == 56)
+    assert node.state()["last_apply"] == "done (all-1g.5gb)"

@@ -221,6 +221,8 @@ def mig_dict(state: gpud_pb2.MigStateResponse) -> dict[str, Any]:
     return {
         "selected_config": state.selected_config,
         "selected_source": state.selected_source,
+        "selected_origin": state.selected_origin,
+        "label": state.label,
         "mig_strategy": state.mig_strategy,
         "last_apply": state.last_apply,
         "last_error": state.last_error,
@@ -250,9 +252,16 @@ def mig_dict(state: gpud_pb2.MigStateResponse) -> dict[str, Any]:
 
 def mig_table(data: dict[str, Any]) -> str:
     selected = data["selected_config"] or "none"
+    chosen = f"chosen by {data['selected_origin']}, " if data["selected_origin"] else ""
     lines = [
-        f"layout: {selected} ({data['selected_source'] or '-'}), strategy {data['mig_strategy']}"
+        f"layout: {selected} ({chosen}from {data['selected_source'] or '-'}), "
+        f"strategy {data['mig_strategy']}"
     ]
+    if data["label"]:
+        lines.append(
+            f"managed by the Node label nvidia.com/mig.config={data['label']}: "
+            "gpudctl mig apply is refused while it is set"
+        )
     if data["last_apply"]:
         last = f"last apply: {data['last_apply']}"
         lines.append(last + (f" ({data['last_error']})" if data["last_error"] else ""))

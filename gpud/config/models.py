@@ -243,6 +243,16 @@ class Sharing(_Strict):
         return value
 
 
+class MigByLabel(_Strict):
+    """``mig.byLabel``: the Node label ``nvidia.com/mig.config`` chooses the layout, as the GPU
+    Operator's mig-manager reads it (docs/cluster.md). Needs the API link (``kubernetes``)."""
+
+    enabled: bool = True
+    # Seconds an apply waits for pods holding MIG devices the new layout destroys to leave,
+    # before it fails naming them (mig-manager waits 5 minutes for its own pods).
+    wait_for_pods: int = Field(default=300, ge=0, le=86400)
+
+
 class Mig(_Strict):
     """Where MIG layouts come from and which one a fresh node starts with."""
 
@@ -251,6 +261,7 @@ class Mig(_Strict):
     # Layout applied at start while no layout has been selected with `gpudctl mig apply` (the
     # selection, kept in the state directory, wins from then on).
     layout: str | None = None
+    by_label: MigByLabel = Field(default_factory=MigByLabel)
 
 
 def _static_label_name(name: str) -> str:

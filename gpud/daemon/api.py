@@ -174,6 +174,7 @@ def mig_state_message(state: NodeState) -> gpud_pb2.MigStateResponse:
         reply.last_error = status.store_error
         return reply
     reply.selected_config, reply.selected_source = status.selected, status.selected_source
+    reply.selected_origin, reply.label = status.selected_origin, status.label
     if status.last_apply:
         reply.last_apply = f"{status.last_apply} ({status.last_layout})"
         reply.last_error = status.last_error

@@ -24,7 +24,7 @@ from types import MappingProxyType
 from gpud import __version__
 from gpud.config.load import ConfigError
 from gpud.config.models import Config, DeviceListStrategy
-from gpud.daemon.mig import MigController, Node, read_selection
+from gpud.daemon.mig import MigController, Node, label_owns_layout, read_selection
 from gpud.daemon.notify import Notifier
 from gpud.daemon.settings import Settings
 from gpud.health import XidPolicy, initial_reasons, unhealthy_reason
@@ -41,12 +41,20 @@ from gpud.node.events import (
     MigLayoutApplied,
     MigLayoutFailed,
     MigLayoutRefused,
+    MigLayoutWaiting,
     NodeEvent,
     PluginRegistered,
     XidSeen,
 )
 from gpud.node.hub import Publishers
-from gpud.node.requests import MigRequest, Outcome, Refused, Unavailable
+from gpud.node.requests import (
+    ORIGIN_CONFIG,
+    ORIGIN_LABEL,
+    MigRequest,
+    Outcome,
+    Refused,
+    Unavailable,
+)
 from gpud.node.state import MigLayout, MigStatus, NodeState, PluginStatus, SharingState, XidRecord
 from gpud.node.stats import NodeStats
 from gpud.resources.mig import caps_reader, mig_uuids_for_event
@@ -97,6 +105,8 @@ class Daemon:
         # Events waiting for the next snapshot, which will already reflect them.
         self._pending: list[NodeEvent] = []
         self._mig_status: MigStatus | None = None
+        # The Node's nvidia.com/mig.config as the API link reads it (see mig_label).
+        self._mig_label: str | None = None
         self._layouts: tuple[dict[int, MigLayoutState] | None, tuple[MigLayout, ...]] = (None, ())
         self._sharing: tuple[Config | None, SharingState] = (None, SharingState())
         self._caps = caps_reader()
@@ -116,6 +126,7 @@ class Daemon:
                 refreshed=self._refresh_inventory,
                 layout_changed=self._refresh_cdi,
                 finished=self._mig_finished,
+                waiting=self._mig_waiting,
             )
             self.mig = MigController(backend, MigStore(settings.config.paths.state_dir), node)
             self._mig_status = MigStatus()
@@ -285,7 +296,9 @@ class Daemon:
             mig_cfg = self.settings.config.mig
             configured = None
             if mig_cfg.layout:
-                configured = read_selection(mig_cfg.layout, None, "", mig_cfg.config_file)
+                configured = read_selection(
+                    mig_cfg.layout, None, "", mig_cfg.config_file, ORIGIN_CONFIG
+                )
             await self.mig.recover(configured)
         except (StoreCorrupt, Refused, HwError) as exc:
             log.error("MIG layout not restored at start: %s", exc)
@@ -481,7 +494,10 @@ class Daemon:
         if self.mig is not None and mig_status is not None:
             held_s, held_by = self.mig.longest_hold
             mig_status = dataclasses.replace(
-                mig_status, lock_longest_held_s=held_s, lock_longest_held_by=held_by
+                mig_status,
+                lock_longest_held_s=held_s,
+                lock_longest_held_by=held_by,
+                label=self._mig_label or "",
             )
         previous = self._published.generation if self._published is not None else 0
         return NodeState(
@@ -522,7 +538,10 @@ class Daemon:
         status = MigStatus()
         if selection is not None:
             status = dataclasses.replace(
-                status, selected=selection.name, selected_source=selection.source
+                status,
+                selected=selection.name,
+                selected_source=selection.source,
+                selected_origin=selection.origin,
             )
         if journal is not None:
             status = dataclasses.replace(
@@ -563,6 +582,18 @@ class Daemon:
                 )
             )
         self._read_mig_status()
+        self._publish()
+
+    def _mig_waiting(self, selection: Selection, in_use_by: tuple[str, ...], left_s: float) -> None:
+        log.warning(
+            "MIG layout %r waits up to %.0f s for its devices to be free: %s",
+            selection.name,
+            left_s,
+            "; ".join(in_use_by),
+        )
+        self._note(
+            MigLayoutWaiting(time.time(), selection.name, selection.origin, left_s, in_use_by)
+        )
         self._publish()
 
     # ---- triggers ----------------------------------------------------------------------------
@@ -749,18 +780,32 @@ class Daemon:
             request.config_yaml,
             request.config_source,
             self.settings.config.mig.config_file,
+            request.origin,
         )
 
     async def apply_mig(self, request: MigRequest) -> Outcome:
         mig = self._mig_or_unavailable()
         try:
             selection = self._selection(request)
+            label = self._mig_label
+            if label is not None and request.origin != ORIGIN_LABEL and not request.dry_run:
+                raise Refused(label_owns_layout(label), "refused")
         except Refused as exc:
             outcome = Outcome("failed", message=str(exc), error_kind=exc.kind)
-            unread = Selection(request.config_name, "", request.config_source)
+            unread = Selection(request.config_name, "", request.config_source, request.origin)
             self._mig_finished(unread, request.dry_run, outcome, 0.0)
             return outcome
-        return await mig.apply(selection, request.dry_run, request.force)
+        return await mig.apply(selection, request.dry_run, request.force, request.wait_for_pods_s)
+
+    def mig_label(self, value: str | None) -> None:
+        if value == self._mig_label:
+            return
+        if value is None:
+            log.info("no nvidia.com/mig.config on the Node: gpudctl mig apply chooses the layout")
+        else:
+            log.info("the Node label nvidia.com/mig.config=%s chooses the MIG layout", value)
+        self._mig_label = value
+        self._publish()
 
     async def assert_mig(self, request: MigRequest) -> tuple[str, ...]:
         return await self._mig_or_unavailable().differences(self._selection(request))

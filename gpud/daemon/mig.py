@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # kubelet answers List in milliseconds; one that has not answered in 5 s is hung, and an apply
 # waits for it holding the MIG lock.
 PODRESOURCES_TIMEOUT_S = 5.0
+# How often an apply waiting for pods to leave asks again.
+POD_POLL_S = 2.0
 BUNDLED_SOURCE = "gpud's bundled layouts"
 
 
@@ -64,20 +66,43 @@ class Node:
     layout_changed: Callable[[], Awaitable[None]]
     # Told of every apply's outcome (start-up restores and dry runs included) and its wall time.
     finished: Callable[[Selection, bool, Outcome, float], None] = lambda *_: None
+    # Told once when an apply starts waiting for pods to leave: who holds what, for how long.
+    waiting: Callable[[Selection, tuple[str, ...], float], None] = lambda *_: None
     states: dict[int, MigLayoutState] = field(default_factory=dict)
 
 
-def read_selection(name: str, text: str | None, source: str, config_file: Path | None) -> Selection:
+def read_selection(
+    name: str, text: str | None, source: str, config_file: Path | None, origin: str = ""
+) -> Selection:
     """The layout source for a request: the text sent (even empty: an empty file is an error,
     never a reason to fall back), else the configured file, else gpud's bundled layouts."""
     if text is not None:
-        return Selection(name, text, layout.cut(source, 200) or "<request>")
+        return Selection(name, text, layout.cut(source, 200) or "<request>", origin)
     if config_file is not None:
         try:
-            return Selection(name, layout.read_text(config_file), str(config_file))
+            return Selection(name, layout.read_text(config_file), str(config_file), origin)
         except layout.LayoutError as exc:
             raise Refused(f"mig.configFile: {exc}", "invalid") from None
-    return Selection(name, layout.bundled_text(), BUNDLED_SOURCE)
+    return Selection(name, layout.bundled_text(), BUNDLED_SOURCE, origin)
+
+
+def label_owns_layout(value: str) -> str:
+    """Why an apply from elsewhere is refused while the Node carries a layout label."""
+    return (
+        f"this node's MIG layout is chosen by the Node label nvidia.com/mig.config={value} "
+        "(the cluster's choice wins while the label is set); nothing was changed. Change the "
+        "label (kubectl label node NODE nvidia.com/mig.config=NAME --overwrite), or remove it "
+        "to choose the layout here"
+    )
+
+
+def waits_for_pods(outcome: Outcome, dry_run: bool, left_s: float) -> bool:
+    """Whether an apply refused because pods or processes hold what it would destroy may try
+    again: they leave (a rollout, a finished job); a layout that cannot be advertised or a
+    kubelet that cannot be asked (refusals that name nobody) do not mend by waiting."""
+    if dry_run or left_s <= 0:
+        return False
+    return outcome.error_kind == "refused" and bool(outcome.in_use_by)
 
 
 def parse_selection(selection: Selection) -> LayoutFile:
@@ -286,9 +311,51 @@ class MigController:
         self.node.states = await asyncio.to_thread(self._read)
         return self.node.states
 
-    async def apply(self, selection: Selection, dry_run: bool, force: bool) -> Outcome:
+    async def apply(
+        self, selection: Selection, dry_run: bool, force: bool, wait_for_pods_s: float = 0.0
+    ) -> Outcome:
+        """Apply ``selection``; while pods hold what it would destroy, try again every
+        :data:`POD_POLL_S` until ``wait_for_pods_s`` have passed.
+
+        Each try runs in a task of its own that the caller's cancellation does not reach: a
+        client that goes away (Ctrl-C on ``gpudctl mig apply``, a label changed again while
+        this one waits) stops the waiting, never an apply half-way through its steps.
+        """
         await self.recovered.wait()
-        return await self._apply_parsed(selection, dry_run, force)
+        started = time.monotonic()
+        deadline = started + wait_for_pods_s
+        while True:
+            attempt = self._attempt(selection, dry_run, force, started, deadline)
+            outcome = await asyncio.shield(asyncio.ensure_future(attempt))
+            left = deadline - time.monotonic()
+            if not waits_for_pods(outcome, dry_run, left):
+                return outcome
+            if time.monotonic() - started < POD_POLL_S:
+                self.node.waiting(selection, outcome.in_use_by, left)
+            await asyncio.sleep(min(POD_POLL_S, left))
+
+    async def _attempt(
+        self,
+        selection: Selection,
+        dry_run: bool,
+        force: bool,
+        started: float,
+        deadline: float,
+        forced_by: str = "--force",
+    ) -> Outcome:
+        """One try; the outcome is announced unless the caller will try again."""
+        outcome = await self._apply_parsed(selection, dry_run, force, forced_by)
+        now = time.monotonic()
+        if waits_for_pods(outcome, dry_run, deadline - now):
+            return outcome
+        if deadline > started and outcome.error_kind == "refused" and outcome.in_use_by:
+            outcome = dataclasses.replace(
+                outcome,
+                message=f"{outcome.message}\n(still in use after waiting "
+                f"{deadline - started:.0f} s for them to leave)",
+            )
+        self.node.finished(selection, dry_run, outcome, now - started)
+        return outcome
 
     async def current_states(self) -> dict[int, MigLayoutState]:
         """The MIG states as they are between applies (never half-way through one)."""
@@ -313,7 +380,6 @@ class MigController:
         sender the parse, not every other MIG call a wait. ``forced_by`` says, in the outcome,
         who skipped the checks that ``force`` skips."""
         verb = "dry run" if dry_run else "apply"
-        start = time.monotonic()
         try:
             config = await asyncio.to_thread(parse_selection, selection)
             async with self._locked(f"the {verb} of {shown(selection.name)}"):
@@ -327,7 +393,6 @@ class MigController:
                 error_kind=exc.kind,
                 in_use_by=exc.in_use_by,
             )
-        self.node.finished(selection, dry_run, outcome, time.monotonic() - start)
         return outcome
 
     async def _apply(
@@ -508,15 +573,17 @@ class MigController:
                 journal.next_step + 1,
                 len(journal.steps),
             )
-            outcome = await self._apply_parsed(
-                journal.selection, dry_run=False, force=True, forced_by="finishing it"
+            now = time.monotonic()
+            outcome = await self._attempt(
+                journal.selection, False, True, now, now, forced_by="finishing it"
             )
             self._log_outcome("resumed apply", outcome)
             return
         selection = self.store.selection() or configured
         if selection is None:
             return
-        outcome = await self._apply_parsed(selection, dry_run=False, force=False)
+        now = time.monotonic()
+        outcome = await self._attempt(selection, False, False, now, now)
         self._log_outcome(f"layout {selection.name!r} at start", outcome)
 
     @staticmethod

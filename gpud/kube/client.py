@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,24 @@ log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "gpud"
 TIMEOUT_S = 5.0
+# A watch is closed by the server this often and opened again from where it was; one that
+# brings nothing (not even that close) for longer is taken for a dead connection.
+WATCH_SERVER_TIMEOUT_S = 60
+WATCH_SILENCE_S = 90.0
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What gpud reads from its Node: its identity, labels, and where a watch goes on from."""
+
+    uid: str
+    labels: Mapping[str, str]
+    resource_version: str
+
+    @classmethod
+    def of(cls, node: Any) -> NodeView:
+        meta = node.metadata
+        return cls(str(meta.uid), dict(meta.labels or {}), str(meta.resourceVersion or ""))
 
 
 class KubeError(Exception):
@@ -186,6 +205,49 @@ class KubeClient:
         )
         await self._call(request)
 
+    async def read_node(self) -> NodeView:
+        """gpud's own Node as a watch starts from it (a kubelet credential may get its Node)."""
+        from lightkube.resources.core_v1 import Node
+
+        client = await self._ready()
+        node = await self._call(client.get(Node, self.access.node_name))
+        return NodeView.of(node)
+
+    async def watch_node(self, resource_version: str) -> AsyncIterator[tuple[str, NodeView]]:
+        """Changes to gpud's own Node after ``resource_version`` ("ADDED", "MODIFIED",
+        "DELETED"), through a watch with the ``metadata.name`` field selector: the one a
+        kubelet credential is allowed. Raises :class:`KubeError` when the watch breaks (the
+        server gone, a version too old, nothing heard for :data:`WATCH_SILENCE_S`); the caller
+        reads the Node again and watches from there."""
+        from lightkube.resources.core_v1 import Node
+
+        client = await self._ready()
+        stream = client.watch(
+            Node,
+            fields={"metadata.name": self.access.node_name},
+            resource_version=resource_version,
+            server_timeout=WATCH_SERVER_TIMEOUT_S,
+        ).__aiter__()
+        try:
+            while True:
+                kind, node = await self._call(asyncio.wait_for(anext(stream), WATCH_SILENCE_S))
+                yield str(kind), NodeView.of(node)
+        finally:
+            await stream.aclose()
+
+    async def set_node_label(self, uid: str, key: str, value: str) -> None:
+        """Set one label with a merge patch (as mig-manager writes its state label): owned by
+        gpud as an update, never part of the server-side-applied set that
+        :meth:`apply_node_labels` prunes. ``uid`` makes it fail (:class:`NodeReplaced`) on a
+        Node that was re-created, whose state is not this one's."""
+        from lightkube.resources.core_v1 import Node
+        from lightkube.types import PatchType
+
+        body = {"metadata": {"uid": uid, "labels": {key: value}}}
+        client = await self._ready()
+        request = client.patch(Node, self.access.node_name, body, patch_type=PatchType.MERGE)
+        await self._call(request)
+
     async def _call(self, request: Any) -> Any:
         from lightkube import ApiError
 
@@ -198,6 +260,12 @@ class KubeClient:
             if code == 409 and "uid" in message:
                 raise NodeReplaced(message, code) from None
             raise KubeError(explain(code, message, self.access, self.server), code) from None
+        except (StopAsyncIteration, asyncio.CancelledError):
+            raise
+        except asyncio.TimeoutError:
+            raise KubeError(
+                f"the API server at {self.server} sent nothing for {WATCH_SILENCE_S:.0f} s"
+            ) from None
         except Exception as exc:
             if isinstance(exc, KubeError):
                 raise

@@ -34,6 +34,7 @@ from gpud.node.state import NodeState
 
 if TYPE_CHECKING:
     from gpud.kube.client import KubeClient
+    from gpud.kube.miglabel import MigByLabel
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class KubernetesPublisher:
         self._facts: tuple[tuple[str, ...], str | None, Mapping[str, int]] | None = None
         self._waited = False
         self._recheck: asyncio.TimerHandle | None = None
+        self._mig: MigByLabel | None = None
 
     async def start(self, link: PublisherLink) -> None:
         """Nothing is read before kubelet has its plugins (see :meth:`_await_registration`)."""
@@ -96,6 +98,7 @@ class KubernetesPublisher:
                 loop = asyncio.get_running_loop()
                 self._recheck = loop.call_later(self.recheck_s, self._look_again)
             return
+        await self._follow_mig_label(state)
         wanted, warnings = self._wanted(state)
         if warnings != self._warnings:
             for warning in warnings:
@@ -110,6 +113,9 @@ class KubernetesPublisher:
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
+        if self._mig is not None:
+            await self._mig.stop()
+            self._mig = None
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -156,17 +162,51 @@ class KubernetesPublisher:
         allowed, dropped = kubelet_allowed(labels.labels)
         return allowed, dropped
 
-    async def _apply(self, wanted: dict[str, str]) -> None:
-        from gpud.kube.client import KubeClient, NodeReplaced
+    def _connected(self) -> KubeClient:
+        from gpud.kube.client import KubeClient
 
         if self._client is None:
             self._client = KubeClient(self._access)
+        return self._client
+
+    async def _follow_mig_label(self, state: NodeState) -> None:
+        """Watch the Node's nvidia.com/mig.config while ``mig.byLabel`` is on and this node can
+        do MIG (:mod:`gpud.kube.miglabel`)."""
+        wanted = state.config.mig.by_label.enabled and state.mig_status is not None
+        if wanted and self._mig is None:
+            from gpud.kube.miglabel import MigByLabel
+
+            self._mig = MigByLabel(
+                self._connected(),
+                self.link.requests,
+                lambda: float(self.link.latest().config.mig.by_label.wait_for_pods),
+                self._node_seen,
+                lambda _: self._show(),
+            )
+            self._mig.start()
+        elif not wanted and self._mig is not None:
+            await self._mig.stop()
+            self._mig = None
+            self._show()
+
+    def _node_seen(self, uid: str) -> None:
+        """The watch read the Node: one re-created under the same name gets gpud's labels again
+        even when nothing on the node changed."""
+        if self._uid and uid != self._uid:
+            log.warning("Node %s was re-created; applying its labels again", self._access.node_name)
+            self._uid, self._applied = "", None
+            self.link.republish()
+
+    async def _apply(self, wanted: dict[str, str]) -> None:
+        from gpud.kube.client import NodeReplaced
+
+        client = self._connected()
         for _ in range(2):
             if not self._uid:
-                self._uid = await self._client.node_uid()
+                self._uid = await client.node_uid()
                 self._applied = None
             try:
-                await self._client.apply_node_labels(self._uid, wanted)
+                await client.apply_node_labels(self._uid, wanted)
             except NodeReplaced:
                 log.warning("Node %s was deleted; looking it up again", self._access.node_name)
                 self._uid = ""
@@ -185,4 +225,6 @@ class KubernetesPublisher:
         if self._warnings:
             left_out = ", ".join(w.split()[1] for w in self._warnings)
             parts.append(f"not sent (NodeRestriction): {left_out}")
+        if self._mig is not None:
+            parts.append(self._mig.progress.describe())
         self.link.set_detail("; ".join(parts))

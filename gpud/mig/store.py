@@ -36,6 +36,9 @@ class Selection:
     # The mig-parted config text the layout was chosen from, and where it came from.
     text: str
     source: str
+    # Who chose it (gpud.node.requests.ORIGIN_*): `gpudctl mig show` names it. "" in records
+    # written before gpud kept it.
+    origin: str = ""
 
 
 @dataclass(frozen=True)

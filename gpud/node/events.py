@@ -108,6 +108,24 @@ class MigLayoutRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class MigLayoutWaiting:
+    """A MIG apply found pods or processes holding devices it would destroy and waits up to
+    ``wait_s`` for them to leave (``mig.byLabel.waitForPods``) instead of failing at once."""
+
+    at: float
+    layout: str
+    origin: str
+    wait_s: float
+    in_use_by: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (
+            f"MIG layout {self.layout!r} waits up to {self.wait_s:.0f} s for "
+            f"{len(self.in_use_by)} users of its devices to leave"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class PluginRegistered:
     """kubelet accepted a device plugin; ``again`` when the resource had registered before
     since gpud started (kubelet restarted, or the socket was re-created)."""
@@ -172,6 +190,7 @@ NodeEvent = (
     | MigLayoutApplied
     | MigLayoutFailed
     | MigLayoutRefused
+    | MigLayoutWaiting
     | PluginRegistered
     | BackendOpened
     | BackendLost

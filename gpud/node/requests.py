@@ -42,6 +42,12 @@ class Refused(Exception):
         self.steps = steps
 
 
+# Who asks for a layout; recorded with the selection and shown by `gpudctl mig show`.
+ORIGIN_CLI = "gpudctl mig apply"
+ORIGIN_LABEL = "the Node label nvidia.com/mig.config"
+ORIGIN_CONFIG = "mig.layout in gpud.yaml"
+
+
 @dataclass(frozen=True)
 class MigRequest:
     """A layout to apply or compare: ``config_name`` in mig-parted's format. ``config_yaml`` is
@@ -54,6 +60,10 @@ class MigRequest:
     dry_run: bool = False
     # Skip the in-use checks (pods, processes) and the strategy check.
     force: bool = False
+    origin: str = ORIGIN_CLI
+    # While pods hold devices the layout destroys, try again until this many seconds have
+    # passed (then fail naming them); 0 fails at once.
+    wait_for_pods_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,12 @@ class NodeRequests(Protocol):
     async def apply_mig(self, request: MigRequest) -> Outcome:
         """Apply (or plan, ``dry_run``) a layout; a refusal or failure is an Outcome, not an
         exception. Unavailable when this node cannot do MIG now."""
+        ...
+
+    def mig_label(self, value: str | None) -> None:
+        """The Node's ``nvidia.com/mig.config`` as the API link last read it; None when the Node
+        has none or the link stopped reading it. While it is set, the label chooses the layout
+        and an apply from any other origin is refused."""
         ...
 
     async def assert_mig(self, request: MigRequest) -> tuple[str, ...]:

@@ -108,6 +108,9 @@ class MigStatus:
 
     selected: str = ""
     selected_source: str = ""
+    selected_origin: str = ""
+    # The Node's nvidia.com/mig.config while the API link reads one: it then owns the layout.
+    label: str = ""
     last_apply: str = ""
     last_layout: str = ""
     last_error: str = ""

@@ -239,7 +239,7 @@ class MigGpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., mode: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[MigInstance, _Mapping]]] = ...) -> None: ...
 
 class MigStateResponse(_message.Message):
-    __slots__ = ("gpus", "selected_config", "selected_source", "export_yaml", "last_apply", "last_error", "mig_strategy", "lock_longest_held_s", "lock_longest_held_by")
+    __slots__ = ("gpus", "selected_config", "selected_source", "export_yaml", "last_apply", "last_error", "mig_strategy", "lock_longest_held_s", "lock_longest_held_by", "selected_origin", "label")
     GPUS_FIELD_NUMBER: _ClassVar[int]
     SELECTED_CONFIG_FIELD_NUMBER: _ClassVar[int]
     SELECTED_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +249,8 @@ class MigStateResponse(_message.Message):
     MIG_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     LOCK_LONGEST_HELD_S_FIELD_NUMBER: _ClassVar[int]
     LOCK_LONGEST_HELD_BY_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     gpus: _containers.RepeatedCompositeFieldContainer[MigGpu]
     selected_config: str
     selected_source: str
@@ -258,7 +260,9 @@ class MigStateResponse(_message.Message):
     mig_strategy: str
     lock_longest_held_s: float
     lock_longest_held_by: str
-    def __init__(self, gpus: _Optional[_Iterable[_Union[MigGpu, _Mapping]]] = ..., selected_config: _Optional[str] = ..., selected_source: _Optional[str] = ..., export_yaml: _Optional[str] = ..., last_apply: _Optional[str] = ..., last_error: _Optional[str] = ..., mig_strategy: _Optional[str] = ..., lock_longest_held_s: _Optional[float] = ..., lock_longest_held_by: _Optional[str] = ...) -> None: ...
+    selected_origin: str
+    label: str
+    def __init__(self, gpus: _Optional[_Iterable[_Union[MigGpu, _Mapping]]] = ..., selected_config: _Optional[str] = ..., selected_source: _Optional[str] = ..., export_yaml: _Optional[str] = ..., last_apply: _Optional[str] = ..., last_error: _Optional[str] = ..., mig_strategy: _Optional[str] = ..., lock_longest_held_s: _Optional[float] = ..., lock_longest_held_by: _Optional[str] = ..., selected_origin: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
 
 class AssertMigLayoutRequest(_message.Message):
     __slots__ = ("config_name", "config_yaml", "config_source")
