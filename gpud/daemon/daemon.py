@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -32,18 +33,21 @@ from gpud.host import cdi
 from gpud.hw.backend import Backend, MigBackend
 from gpud.hw.errors import BackendUnavailable, HwError
 from gpud.hw.types import NO_INSTANCE, EventKind, GpuInfo, HwEvent, MigLayoutState, SystemInfo
+from gpud.mig.planner import Step
 from gpud.mig.store import MigStore, Selection, StoreCorrupt
 from gpud.node.derive import device_states, health_changes, mig_layouts, sharing_state
 from gpud.node.events import (
     BackendLost,
     BackendOpened,
     ConfigReloaded,
+    MigApplyStarted,
     MigLayoutApplied,
     MigLayoutFailed,
     MigLayoutRefused,
     MigLayoutWaiting,
     NodeEvent,
     PluginRegistered,
+    ToolkitProblem,
     XidSeen,
 )
 from gpud.node.hub import Publishers
@@ -127,6 +131,7 @@ class Daemon:
                 layout_changed=self._refresh_cdi,
                 finished=self._mig_finished,
                 waiting=self._mig_waiting,
+                started=self._mig_started,
             )
             self.mig = MigController(backend, MigStore(settings.config.paths.state_dir), node)
             self._mig_status = MigStatus()
@@ -351,12 +356,14 @@ class Daemon:
             self._cdi_current = True
             log.info("CDI spec refreshed after %s: %s", after, result.message)
         elif result.status == cdi.SKIPPED and self._uses_cdi():
-            log.error(
+            problem = (
                 "devicePlugin.deviceListStrategy hands out CDI device names, but nvidia-ctk is not "
                 "installed, so there is no CDI spec and containers given those names fail to "
                 "start: install the toolkit (sudo gpudctl toolkit install) or use the envvar "
                 "strategy"
             )
+            log.error("%s", problem)
+            self._note(ToolkitProblem(time.time(), problem))
 
     def _uses_cdi(self) -> bool:
         return bool(_CDI_STRATEGIES & set(self.settings.config.device_plugin.device_list_strategy))
@@ -551,6 +558,17 @@ class Daemon:
                 last_error=journal.error,
             )
         self._mig_status = status
+
+    def _mig_started(
+        self, selection: Selection, steps: Sequence[Step], withdrawn: tuple[str, ...]
+    ) -> None:
+        gpus = tuple(sorted({s.gpu for s in steps}))
+        self._note(
+            MigApplyStarted(
+                time.time(), selection.name, selection.source, len(steps), gpus, withdrawn
+            )
+        )
+        self._publish()
 
     def _mig_finished(
         self, selection: Selection, dry_run: bool, outcome: Outcome, seconds: float

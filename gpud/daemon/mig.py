@@ -68,6 +68,9 @@ class Node:
     finished: Callable[[Selection, bool, Outcome, float], None] = lambda *_: None
     # Told once when an apply starts waiting for pods to leave: who holds what, for how long.
     waiting: Callable[[Selection, tuple[str, ...], float], None] = lambda *_: None
+    # Told when a real apply is about to make its first NVML call, with its steps and the GPUs
+    # whose devices are withdrawn.
+    started: Callable[[Selection, Sequence[Step], tuple[str, ...]], None] = lambda *_: None
     states: dict[int, MigLayoutState] = field(default_factory=dict)
 
 
@@ -507,6 +510,7 @@ class MigController:
             selection, "running", tuple(s.to_dict() for s in steps), 0, 0, "", withdrawn
         )
         self.store.record(journal)
+        self.node.started(selection, steps, withdrawn)
         await self.node.withdraw(frozenset(withdrawn))
         created: dict[tuple[int, str], int] = {}
         mutations = 0

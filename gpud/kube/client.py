@@ -248,6 +248,58 @@ class KubeClient:
         request = client.patch(Node, self.access.node_name, body, patch_type=PatchType.MERGE)
         await self._call(request)
 
+    async def node_condition(self, kind: str) -> tuple[str, str, str]:
+        """The Node's UID, and the status and lastTransitionTime of its condition ``kind``
+        ("", "" when it has none). A kubelet credential may read its Node (not nodes/status):
+        the status comes with it."""
+        from lightkube.resources.core_v1 import Node
+
+        client = await self._ready()
+        node = await self._call(client.get(Node, self.access.node_name))
+        for condition in (node.status.conditions if node.status else None) or ():
+            if condition.type == kind:
+                since = condition.lastTransitionTime
+                stamp = since.strftime("%Y-%m-%dT%H:%M:%SZ") if since is not None else ""
+                return str(node.metadata.uid), str(condition.status), stamp
+        return str(node.metadata.uid), "", ""
+
+    async def apply_node_condition(self, uid: str, condition: Mapping[str, str]) -> None:
+        """Server-side apply of one condition to the Node's status subresource under field
+        manager "gpud": conditions are a list keyed by type, so kubelet's own (Ready,
+        MemoryPressure, ...) are never touched. ``uid`` as for :meth:`apply_node_labels`."""
+        from lightkube.resources.core_v1 import NodeStatus
+        from lightkube.types import PatchType
+
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.access.node_name, "uid": uid},
+            "status": {"conditions": [dict(condition)]},
+        }
+        client = await self._ready()
+        request = client.patch(
+            NodeStatus,
+            self.access.node_name,
+            body,
+            patch_type=PatchType.APPLY,
+            field_manager=FIELD_MANAGER,
+        )
+        await self._call(request)
+
+    async def create_event(self, event: Mapping[str, Any]) -> bool:
+        """Create a core/v1 Event; False when one of its name exists already (an earlier try
+        went through but its answer was lost), so a retry never makes a second one."""
+        from lightkube.resources.core_v1 import Event
+
+        client = await self._ready()
+        try:
+            await self._call(client.create(Event.from_dict(dict(event))))
+        except KubeError as exc:
+            if exc.code == 409:
+                return False
+            raise
+        return True
+
     async def _call(self, request: Any) -> Any:
         from lightkube import ApiError
 
@@ -257,7 +309,9 @@ class KubeClient:
             code, message = int(exc.status.code or 0), str(exc.status.message or "")
             if code == 401:
                 self._signature = ()  # connect again next time: the certificate may be new
-            if code == 409 and "uid" in message:
+            # A Node deleted since gpud read its UID: the apply is refused as a conflict (409),
+            # on the status subresource as a change of the immutable UID (422).
+            if code in (409, 422) and "uid" in message:
                 raise NodeReplaced(message, code) from None
             raise KubeError(explain(code, message, self.access, self.server), code) from None
         except (StopAsyncIteration, asyncio.CancelledError):

@@ -57,6 +57,22 @@ class XidSeen:
 
 
 @dataclass(frozen=True, slots=True)
+class MigApplyStarted:
+    """A MIG apply (not a dry run) is about to make its first NVML call: ``steps`` calls on
+    ``gpus``; the devices of ``withdrawn`` (GPU UUIDs) are withdrawn from kubelet meanwhile."""
+
+    at: float
+    layout: str
+    source: str
+    steps: int
+    gpus: tuple[int, ...]
+    withdrawn: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"MIG layout {self.layout!r} being applied: {self.steps} NVML calls"
+
+
+@dataclass(frozen=True, slots=True)
 class MigLayoutApplied:
     """A MIG layout was applied with ``mutations`` NVML calls (not sent for no-ops or dry runs)."""
 
@@ -165,6 +181,18 @@ class BackendLost:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolkitProblem:
+    """The container toolkit cannot do what the configuration needs (found at start or when
+    the driver came): ``message`` says what breaks and what to do."""
+
+    at: float
+    message: str
+
+    def describe(self) -> str:
+        return f"container toolkit problem: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
 class ConfigReloaded:
     """A reload was asked for (SIGHUP, ``gpudctl config reload``); ``error`` is why it was
     refused, "" when the new configuration is in force."""
@@ -187,6 +215,7 @@ class ConfigReloaded:
 NodeEvent = (
     HealthChanged
     | XidSeen
+    | MigApplyStarted
     | MigLayoutApplied
     | MigLayoutFailed
     | MigLayoutRefused
@@ -194,5 +223,6 @@ NodeEvent = (
     | PluginRegistered
     | BackendOpened
     | BackendLost
+    | ToolkitProblem
     | ConfigReloaded
 )
