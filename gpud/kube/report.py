@@ -79,7 +79,8 @@ class Report:
 def clip(message: str, limit: int = MAX_MESSAGE) -> str:
     if len(message) <= limit:
         return message
-    return message[: limit - 16].rstrip() + " … (cut short)"
+    cut = " … (cut short)"
+    return message[: limit - len(cut)] + cut
 
 
 def reports(
