@@ -213,6 +213,31 @@ def test_an_xid_storm_stays_within_the_rate_limit_and_says_how_many_it_held_back
     assert summary["count"] > 1 and summary["firstTimestamp"] <= summary["lastTimestamp"]
 
 
+def test_lasttransitiontime_moves_only_with_the_status_across_a_restart_of_gpud(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    node = started_with_link(kube, short_tmp, "a100-40gb:2", nodes)
+    assert node.gpudctl("debug", "inject-xid", "--gpu", "0", "--xid", "48").returncode == 0
+    down = wait_condition(kube, lambda c: c["status"] == "False", 5, "False")
+    time.sleep(1.1)  # the stamps have whole seconds
+    node.gpud.terminate()
+    node.gpud.start()
+    node.gpud.wait_ready()
+    # gpud starts with every GPU healthy again (health is not kept across restarts): True, a
+    # transition. A second restart changes nothing: a new heartbeat, the same transition.
+    up = wait_condition(kube, lambda c: c["status"] == "True", 10, "True after the restart")
+    assert up["lastTransitionTime"] > down["lastTransitionTime"]
+    time.sleep(1.1)
+    node.gpud.terminate()
+    node.gpud.start()
+    node.gpud.wait_ready()
+    again = wait_condition(
+        kube, lambda c: c["lastHeartbeatTime"] > up["lastHeartbeatTime"], 10, "applied again"
+    )
+    assert again["status"] == "True"
+    assert again["lastTransitionTime"] == up["lastTransitionTime"]
+
+
 def test_the_node_deleted_and_registered_again_gets_the_condition_and_labels_again(
     kube: Cluster, short_tmp: Path, nodes: list[MigNode]
 ) -> None:
