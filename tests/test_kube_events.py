@@ -45,30 +45,6 @@ def nodes(kube: Cluster) -> Iterator[list[MigNode]]:
         yield started
 
 
-def events(kube: Cluster) -> list[dict[str, Any]]:
-    """gpud's Events about the Node, oldest first."""
-    out = kube.kubectl(
-        "get", "events", "-n", "default", "-o", "json",
-        "--field-selector", f"involvedObject.kind=Node,involvedObject.name={kube.node}",
-    )  # fmt: skip
-    found = [e for e in json.loads(out)["items"] if e.get("reportingComponent") == "gpud"]
-    return sorted(found, key=lambda e: e["metadata"]["name"])
-
-
-def wait_events(
-    kube: Cluster, check: Callable[[list[dict[str, Any]]], bool], timeout: float, what: str
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = events(kube)
-        if check(found):
-            return found
-        if time.monotonic() > deadline:
-            shown = [(e["reason"], e["message"][:120]) for e in found]
-            raise AssertionError(f"no {what} within {timeout} s: {shown}")
-        time.sleep(0.05)
-
-
 def condition(kube: Cluster) -> dict[str, Any] | None:
     obj = json.loads(kube.kubectl("get", "node", kube.node, "-o", "json"))
     return next(
@@ -115,7 +91,7 @@ def test_an_xid_is_a_warning_with_its_meaning_and_gpuhealthy_false_set_healthy_b
 
     assert node.gpudctl("debug", "inject-xid", "--gpu", "1", "--xid", "79").returncode == 0
     # Within a second of the XID (the bound also covers kubectl's own start).
-    found = wait_events(kube, lambda e: "GPUXidError" in reasons(e), 3.0, "XID Event")
+    found = kube.wait_events(lambda e: "GPUXidError" in reasons(e), 3.0, "XID Event")
     xid = next(e for e in found if e["reason"] == "GPUXidError")
     assert xid["type"] == "Warning"
     assert xid["message"].startswith(
@@ -133,7 +109,7 @@ def test_an_xid_is_a_warning_with_its_meaning_and_gpuhealthy_false_set_healthy_b
     went_down = down["lastTransitionTime"]
 
     assert node.gpudctl("device", "set-healthy", uuid).returncode == 0
-    found = wait_events(kube, lambda e: "GPUBackInService" in reasons(e), 3.0, "back Event")
+    found = kube.wait_events(lambda e: "GPUBackInService" in reasons(e), 3.0, "back Event")
     back = next(e for e in found if e["reason"] == "GPUBackInService")
     assert back["type"] == "Normal"
     assert back["message"].startswith(f"GPU 1 ({uuid}) is back in service (out before: critical")
@@ -142,7 +118,7 @@ def test_an_xid_is_a_warning_with_its_meaning_and_gpuhealthy_false_set_healthy_b
     # One Event each: an application XID sends none, and nothing else was said.
     assert node.gpudctl("debug", "inject-xid", "--gpu", "0", "--xid", "13").returncode == 0
     time.sleep(1.0)
-    assert reasons(events(kube)) == ["GPUXidError", "GPUBackInService"]
+    assert reasons(kube.events()) == ["GPUXidError", "GPUBackInService"]
     detail = link(node)["detail"]
     assert "GPUHealthy=True" in detail and "Events: 2 sent" in detail
 
@@ -152,7 +128,7 @@ def test_mig_applies_say_started_and_succeeded_and_a_refusal_names_the_pod(
 ) -> None:
     node = started_with_link(kube, short_tmp, "a100-40gb:2", nodes)
     assert node.mig("apply", "-c", "all-1g.5gb")[0] == 0
-    found = wait_events(kube, lambda e: "MigApplySucceeded" in reasons(e), 5.0, "MIG success")
+    found = kube.wait_events(lambda e: "MigApplySucceeded" in reasons(e), 5.0, "MIG success")
     assert reasons(found) == ["MigApplyStarted", "MigApplySucceeded"]
     started, done = found
     assert started["type"] == done["type"] == "Normal"
@@ -167,18 +143,18 @@ def test_mig_applies_say_started_and_succeeded_and_a_refusal_names_the_pod(
     assert node.podres is not None
     node.podres.pods = [pod("ml", "train-0", main={MIG_1G: [held]})]
     assert node.gpudctl("mig", "apply", "-c", "all-disabled").returncode == 1
-    found = wait_events(kube, lambda e: "MigApplyRefused" in reasons(e), 5.0, "refusal")
+    found = kube.wait_events(lambda e: "MigApplyRefused" in reasons(e), 5.0, "refusal")
     refused = found[-1]
     assert refused["type"] == "Warning"
     assert refused["message"].startswith(
-        "MIG layout 'all-disabled' (from gpud's bundled layouts) refused, nothing was changed: "
+        "MIG layout 'all-disabled' (from gpud's bundled layouts, chosen by gpudctl mig apply) refused, nothing was changed: "
         "the layout change would take devices away from running work"
     )
     assert f"In use by: ml/train-0/main uses {held}" in refused["message"]
     # A dry run is not an apply: it says nothing.
     assert node.gpudctl("mig", "apply", "-c", "all-balanced", "--dry-run").returncode == 0
     time.sleep(1.0)
-    assert reasons(events(kube)) == ["MigApplyStarted", "MigApplySucceeded", "MigApplyRefused"]
+    assert reasons(kube.events()) == ["MigApplyStarted", "MigApplySucceeded", "MigApplyRefused"]
 
 
 def test_an_xid_storm_stays_within_the_rate_limit_and_says_how_many_it_held_back(
@@ -193,7 +169,7 @@ def test_an_xid_storm_stays_within_the_rate_limit_and_says_how_many_it_held_back
     wait_condition(kube, lambda c: c["message"].startswith("8 of 8 devices out"), 10, "False")
     time.sleep(2.0)
     elapsed = time.monotonic() - began
-    found = [e for e in events(kube) if e["reason"] == "GPUXidError"]
+    found = [e for e in kube.events() if e["reason"] == "GPUXidError"]
     cap = limits.node_burst + int(elapsed / limits.node_every_s) + 1
     assert limits.node_burst <= len(found) <= cap, (len(found), elapsed)
     assert sum(e["count"] for e in found) <= storm
@@ -203,8 +179,7 @@ def test_an_xid_storm_stays_within_the_rate_limit_and_says_how_many_it_held_back
     assert "Event rate limit: holding back GPUXidError Events about GPU-" in node.gpud.log()
     # What was held back goes out once the limits allow, saying how many it stands for.
     node_wait = limits.node_every_s + 1
-    found = wait_events(
-        kube,
+    found = kube.wait_events(
         lambda e: any("were held back by gpud's Event rate limit" in x["message"] for x in e),
         node_wait,
         "a summing-up Event",
@@ -278,9 +253,9 @@ def test_events_during_an_api_outage_arrive_once_each_after_it(
         assert found["state"] == "degraded" and "cannot reach the API server" in found["error"]
     finally:
         kube.up()
-    found = wait_events(kube, lambda e: len(e) >= 3, 60, "the Events held during the outage")
+    found = kube.wait_events(lambda e: len(e) >= 3, 60, "the Events held during the outage")
     time.sleep(2.0)
-    found = events(kube)
+    found = kube.events()
     assert reasons(found) == ["GPUXidError", "GPUBackInService", "GPUXidError"], found
     assert found[0]["message"].startswith(f"XID 79 on GPU 0 ({uuids[0]})")
     assert found[2]["message"].startswith(f"XID 94 on GPU 1 ({uuids[1]}): contained ECC error")

@@ -169,6 +169,14 @@ def test_a_layout_that_does_not_fit_or_does_not_exist_is_failed_and_changes_noth
     wait_state(kube, "failed")
     found = wait_link(node, lambda p: f"{CONFIG}=too-many failed" in p["detail"])
     assert "does not fit this node; nothing was changed" in found["detail"]
+    # kubectl describe node says why.
+    refused = kube.wait_events(
+        lambda e: any("'too-many'" in x["message"] for x in e), 10, "the refusal Event"
+    )
+    event = next(x for x in refused if "'too-many'" in x["message"])
+    assert event["reason"] == "MigApplyRefused" and event["type"] == "Warning"
+    assert "chosen by the Node label nvidia.com/mig.config" in event["message"]
+    assert "does not fit this node" in event["message"]
     assert node.kubelet.devices("nvidia.com/gpu")  # still whole GPUs
     assert not node.kubelet.devices(MIG_1G)
 
@@ -202,6 +210,9 @@ def test_pods_holding_devices_are_waited_for_then_failed_by_name(
     found = link(node)
     assert "ml/train-0/main uses " + held in found["detail"]
     assert "after waiting 2 s" in found["detail"]
+    # The Events say it waited, then gave up, naming the pod both times.
+    named = [e for e in kube.events() if "ml/train-0/main" in e["message"] and held in e["message"]]
+    assert [e["reason"] for e in named][-2:] == ["MigApplyWaiting", "MigApplyRefused"], named
     # Nothing was taken away from the pod.
     assert held in node.kubelet.devices(MIG_1G)
 

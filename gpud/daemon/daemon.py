@@ -25,7 +25,7 @@ from types import MappingProxyType
 from gpud import __version__
 from gpud.config.load import ConfigError
 from gpud.config.models import Config, DeviceListStrategy
-from gpud.daemon.mig import MigController, Node, label_owns_layout, read_selection
+from gpud.daemon.mig import MigController, Node, label_owns_layout, read_selection, told
 from gpud.daemon.notify import Notifier
 from gpud.daemon.settings import Settings
 from gpud.health import XidPolicy, initial_reasons, unhealthy_reason
@@ -565,7 +565,7 @@ class Daemon:
         gpus = tuple(sorted({s.gpu for s in steps}))
         self._note(
             MigApplyStarted(
-                time.time(), selection.name, selection.source, len(steps), gpus, withdrawn
+                time.time(), selection.name, told(selection), len(steps), gpus, withdrawn
             )
         )
         self._publish()
@@ -580,7 +580,7 @@ class Daemon:
         self.stats.mig_applied(result, seconds, outcome.mutations)
         now = time.time()
         gpus = tuple(sorted({s.gpu for s in outcome.steps}))
-        name, source = selection.name, selection.source
+        name, source = selection.name, told(selection)
         if outcome.result == "applied":
             self._note(
                 MigLayoutApplied(
@@ -610,7 +610,7 @@ class Daemon:
             "; ".join(in_use_by),
         )
         self._note(
-            MigLayoutWaiting(time.time(), selection.name, selection.origin, left_s, in_use_by)
+            MigLayoutWaiting(time.time(), selection.name, told(selection), left_s, in_use_by)
         )
         self._publish()
 

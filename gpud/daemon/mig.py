@@ -89,6 +89,13 @@ def read_selection(
     return Selection(name, layout.bundled_text(), BUNDLED_SOURCE, origin)
 
 
+def told(selection: Selection) -> str:
+    """Where a layout came from and who chose it, as events and Events name it."""
+    if selection.origin:
+        return f"{selection.source}, chosen by {selection.origin}"
+    return selection.source
+
+
 def label_owns_layout(value: str) -> str:
     """Why an apply from elsewhere is refused while the Node carries a layout label."""
     return (

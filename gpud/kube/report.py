@@ -31,6 +31,7 @@ from gpud.node.events import (
     MigLayoutApplied,
     MigLayoutFailed,
     MigLayoutRefused,
+    MigLayoutWaiting,
     NodeEvent,
     ToolkitProblem,
     XidSeen,
@@ -50,6 +51,7 @@ MIG_STARTED = "MigApplyStarted"
 MIG_SUCCEEDED = "MigApplySucceeded"
 MIG_FAILED = "MigApplyFailed"
 MIG_REFUSED = "MigApplyRefused"
+MIG_WAITING = "MigApplyWaiting"
 DRIVER_UNAVAILABLE = "GPUDriverUnavailable"
 DRIVER_READY = "GPUDriverReady"
 TOOLKIT_MISSING = "ContainerToolkitProblem"
@@ -183,6 +185,14 @@ def _single(event: NodeEvent, driver_lost: bool) -> Report | None:
         return Report(WARNING, MIG_FAILED, clip(message), MIG_SUBJECT, event.at)
     if isinstance(event, MigLayoutRefused):
         return _refused(event)
+    if isinstance(event, MigLayoutWaiting):
+        message = (
+            f"MIG layout {event.layout!r}{_from(event.source)} waits up to {event.wait_s:.0f} s "
+            f"for its devices to be free; nothing was changed yet. In use by: "
+            + "; ".join(event.in_use_by)
+            + ". Drain these pods (or set the label back) and the change goes through"
+        )
+        return Report(WARNING, MIG_WAITING, clip(message), MIG_SUBJECT, event.at)
     if isinstance(event, BackendLost):
         message = (
             f"the GPUs cannot be used ({event.backend} backend): {event.error}. No GPU is "

@@ -130,7 +130,7 @@ class MigLayoutWaiting:
 
     at: float
     layout: str
-    origin: str
+    source: str
     wait_s: float
     in_use_by: tuple[str, ...]
 

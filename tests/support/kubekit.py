@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import SHARED_FIXTURES, unavailable
 
@@ -78,6 +79,28 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what or 'labels'}: {labels}")
             time.sleep(0.2)
+
+    def events(self) -> list[dict[str, Any]]:
+        """gpud's Events about the Node, oldest first."""
+        out = self.kubectl(
+            "get", "events", "-n", "default", "-o", "json",
+            "--field-selector", f"involvedObject.kind=Node,involvedObject.name={self.node}",
+        )  # fmt: skip
+        found = [e for e in json.loads(out)["items"] if e.get("reportingComponent") == "gpud"]
+        return sorted(found, key=lambda e: e["metadata"]["name"])
+
+    def wait_events(
+        self, check: Callable[[list[dict[str, Any]]], bool], timeout: float, what: str
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.events()
+            if check(found):
+                return found
+            if time.monotonic() > deadline:
+                shown = [(e["reason"], e["message"][:120]) for e in found]
+                raise AssertionError(f"no {what} within {timeout} s: {shown}")
+            time.sleep(0.05)
 
 
 def cluster(root: Path) -> Cluster:
