@@ -147,7 +147,8 @@ def test_mig_applies_say_started_and_succeeded_and_a_refusal_names_the_pod(
     refused = found[-1]
     assert refused["type"] == "Warning"
     assert refused["message"].startswith(
-        "MIG layout 'all-disabled' (from gpud's bundled layouts, chosen by gpudctl mig apply) refused, nothing was changed: "
+        "MIG layout 'all-disabled' (from gpud's bundled layouts, chosen by gpudctl mig apply) "
+        "refused, nothing was changed: "
         "the layout change would take devices away from running work"
     )
     assert f"In use by: ml/train-0/main uses {held}" in refused["message"]

@@ -269,6 +269,26 @@ def test_a_missing_node_is_reported_never_created_and_a_reload_takes_new_credent
     )
 
 
+def test_a_label_someone_else_holds_with_another_value_is_a_conflict_never_forced(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    """409: gpud does not take a label another manager set to another value; it says whose it
+    is and what to do, keeps retrying, and applies once the other value is gone."""
+    kube.kubectl("label", "node", kube.node, "nvidia.com/gpu.count=99", "--overwrite")
+    try:
+        node = start(short_tmp, "a100-40gb:2", config(kube.node_kubeconfig))
+        nodes.append(node)
+        found = wait_link(node, lambda p: p["state"] == "degraded")
+        assert "held by another field manager with other values (409 Conflict)" in found["error"]
+        assert "nvidia.com/gpu.count" in found["error"]
+        assert f"kubectl label node {kube.node} KEY-" in found["error"]
+        assert kube.labels()["nvidia.com/gpu.count"] == "99"  # not forced
+        node.kubelet.wait_devices("nvidia.com/gpu", lambda d: len(d) == 2)
+    finally:
+        kube.kubectl("label", "node", kube.node, "nvidia.com/gpu.count-")
+    kube.wait_labels(lambda got: got.get("nvidia.com/gpu.count") == "2", 90, "gpud's count")
+
+
 def test_no_credentials_the_link_is_off_and_says_why(
     short_tmp: Path, nodes: list[MigNode], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -309,3 +309,25 @@ def test_a_node_deleted_and_registered_again_gets_labels_and_its_request_handled
     labels = wait_state(kube, "success", timeout=40)
     assert labels["nvidia.com/gpu.count"] == "8"
     node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56)
+
+
+def test_the_api_server_down_at_start_kubelet_served_then_everything_catches_up(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    """Last in the module: it stops the shared API server. A node booting while the control
+    plane is away serves kubelet at once, says the link is down, and once the API server is
+    back applies its labels and the layout the Node asks for."""
+    label(kube, "all-1g.5gb")
+    kube.down()
+    try:
+        node = start(short_tmp, "dgx-a100", config(kube))
+        nodes.append(node)
+        node.kubelet.wait_devices("nvidia.com/gpu", lambda d: len(d) == 8)
+        found = wait_link(node, lambda p: p["state"] == "degraded")
+        assert "cannot reach the API server at https://127.0.0.1:" in found["error"]
+    finally:
+        kube.up()
+    labels = wait_state(kube, "success", timeout=60)
+    assert labels["nvidia.com/gpu.count"] == "8"
+    node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56)
+    wait_link(node, lambda p: p["state"] == "ok", timeout=30)

@@ -15,6 +15,7 @@ the identity and what to do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -233,7 +234,10 @@ class KubeClient:
                 kind, node = await self._call(asyncio.wait_for(anext(stream), WATCH_SILENCE_S))
                 yield str(kind), NodeView.of(node)
         finally:
-            await stream.aclose()
+            # A cancelled read (gpud stopping) may leave the stream mid-step; closing it then
+            # raises RuntimeError, and the response was closed by the cancellation already.
+            with contextlib.suppress(RuntimeError):
+                await stream.aclose()
 
     async def set_node_label(self, uid: str, key: str, value: str) -> None:
         """Set one label with a merge patch (as mig-manager writes its state label): owned by
