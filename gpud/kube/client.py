@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "gpud"
 TIMEOUT_S = 5.0
-# A watch is closed by the server this often and opened again from where it was; one that
-# brings nothing (not even that close) for longer is taken for a dead connection.
-WATCH_SERVER_TIMEOUT_S = 60
-WATCH_SILENCE_S = 90.0
+# A watch is closed by the server this often and opened again from where it was (client-go
+# picks 5 to 10 minutes); one that brings nothing, not even that close, for longer is taken for
+# a dead connection and read again.
+WATCH_SERVER_TIMEOUT_S = 300
+WATCH_SILENCE_S = 330.0
 
 
 @dataclass(frozen=True)
