@@ -292,23 +292,32 @@ def test_a_node_deleted_and_registered_again_gets_labels_and_its_request_handled
     nodes.append(node)
     kube.wait_labels(lambda got: got.get("nvidia.com/gpu.count") == "8", what="gpud's labels")
     saved = json.loads(kube.kubectl("get", "node", kube.node, "-o", "json"))
-    kube.kubectl("delete", "node", kube.node)
-    # Registered again (as kubelet would), this time asking for a layout.
-    fresh = {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": kube.node,
-            "labels": {"kubernetes.io/hostname": kube.node, CONFIG: "all-1g.5gb"},
-        },
-        "status": saved["status"],
-    }
-    manifest = short_tmp / "node.json"
-    manifest.write_text(json.dumps(fresh))
-    kube.kubectl("create", "-f", str(manifest))
+
+    def register_again(layout: str) -> None:
+        """Delete the Node and register it again (as kubelet would), asking for ``layout``
+        and without the old Node's state label."""
+        kube.kubectl("delete", "node", kube.node)
+        fresh = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": kube.node,
+                "labels": {"kubernetes.io/hostname": kube.node, CONFIG: layout},
+            },
+            "status": saved["status"],
+        }
+        manifest = short_tmp / "node.json"
+        manifest.write_text(json.dumps(fresh))
+        kube.kubectl("create", "-f", str(manifest))
+
+    register_again("all-1g.5gb")
     labels = wait_state(kube, "success", timeout=40)
     assert labels["nvidia.com/gpu.count"] == "8"
     node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56)
+    # Again, with the same value as the Node that went: a new Node, so a new request.
+    register_again("all-1g.5gb")
+    labels = wait_state(kube, "success", timeout=40)
+    assert labels["nvidia.com/gpu.count"] == "8"
 
 
 def test_the_api_server_down_at_start_kubelet_served_then_everything_catches_up(

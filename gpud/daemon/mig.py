@@ -334,14 +334,16 @@ class MigController:
         await self.recovered.wait()
         started = time.monotonic()
         deadline = started + wait_for_pods_s
+        announced = False
         while True:
             attempt = self._attempt(selection, dry_run, force, started, deadline)
             outcome = await asyncio.shield(asyncio.ensure_future(attempt))
             left = deadline - time.monotonic()
             if not waits_for_pods(outcome, dry_run, left):
                 return outcome
-            if time.monotonic() - started < POD_POLL_S:
+            if not announced:
                 self.node.waiting(selection, outcome.in_use_by, left)
+                announced = True
             await asyncio.sleep(min(POD_POLL_S, left))
 
     async def _attempt(

@@ -149,11 +149,13 @@ class MigByLabel:
         before = self._node
         self._node = node
         if before is None or before.uid != node.uid:
-            self._done = None  # a re-created Node's label is a new request
+            # A re-created Node's label is a new request, even with the value the old one had.
+            self._done = None
             self.node_seen(node.uid)
+            self._wake.set()
         if self.progress.problem.startswith("watching"):
             self._report(problem="")
-        if before is None or wanted_layout(dict(before.labels)) != wanted_layout(dict(node.labels)):
+        if wanted_layout(dict(before.labels if before else {})) != wanted_layout(dict(node.labels)):
             self._wake.set()
 
     # ---- the worker ----------------------------------------------------------------------------
@@ -163,7 +165,8 @@ class MigByLabel:
             await self._wake.wait()
             self._wake.clear()
             node = self._node
-            assert node is not None
+            if node is None:  # a re-created Node: the watcher reads it and wakes this again
+                continue
             layout = wanted_layout(dict(node.labels))
             self.requests.mig_label(layout)
             if layout is None:
