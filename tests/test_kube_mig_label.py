@@ -152,6 +152,32 @@ def test_the_label_drives_pending_then_success_and_wins_over_a_local_apply(
     assert node.state()["selected_origin"] == "gpudctl mig apply"
 
 
+def test_turning_the_protocol_off_by_reload_gives_the_node_back_and_ignores_the_label(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    node = started(kube, short_tmp, config(kube))
+    nodes.append(node)
+    label(kube, "all-1g.5gb")
+    wait_state(kube, "success")
+    node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56)
+    (short_tmp / "gpud.yaml").write_text(
+        f"version: v1\nkubernetes:\n  kubeconfig: {kube.node_kubeconfig}\n"
+        "mig:\n  byLabel:\n    enabled: false\n"
+        f"paths:\n  podResourcesSocket: {node.podres_socket}\n"
+    )
+    assert node.gpudctl("config", "reload").returncode == 0
+    wait_link(node, lambda p: CONFIG not in p["detail"])
+    assert node.state()["label"] == ""
+    # The label no longer chooses: a change is not followed, a local apply is the node's own.
+    label(kube, "all-disabled")
+    time.sleep(1.5)
+    assert kube.labels()[STATE] == "success"
+    assert len(node.kubelet.devices(MIG_1G)) == 56
+    code, answer = node.mig("apply", "-c", "all-2g.10gb")
+    assert code == 0, answer
+    assert node.state()["selected_origin"] == "gpudctl mig apply"
+
+
 def test_a_layout_that_does_not_fit_or_does_not_exist_is_failed_and_changes_nothing(
     kube: Cluster, short_tmp: Path, nodes: list[MigNode]
 ) -> None:

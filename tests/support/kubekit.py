@@ -22,15 +22,19 @@ class Cluster:
     """One kubekit control plane in ``root``; :meth:`up` and :meth:`down` may repeat (the ports
     and the etcd data stay, so a restarted API server is the same cluster)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, apiserver_args: str = "") -> None:
         self.root = root
+        # Extra kube-apiserver flags (KUBEKIT_APISERVER_ARGS), kept for every up().
+        self.apiserver_args = apiserver_args
         self.node = "gpu-node-1"
         self.admin = root / "admin.kubeconfig"
         self.node_kubeconfig = root / "node.kubeconfig"
         self.bin: Path | None = None
 
     def _kit(self, *args: str) -> str:
-        env = dict(os.environ, KUBEKIT_DOWN_SIGNAL="KILL")
+        env = dict(
+            os.environ, KUBEKIT_DOWN_SIGNAL="KILL", KUBEKIT_APISERVER_ARGS=self.apiserver_args
+        )
         out = subprocess.run(
             [str(KUBEKIT), *args], capture_output=True, text=True, timeout=180, env=env
         )
@@ -103,13 +107,13 @@ class Cluster:
             time.sleep(0.05)
 
 
-def cluster(root: Path) -> Cluster:
+def cluster(root: Path, apiserver_args: str = "") -> Cluster:
     """A started cluster in ``root``; unavailable (skip, or fail under CI) without kubekit."""
     if not KUBEKIT.exists():
         unavailable(f"{KUBEKIT} is not beside this checkout")
     for tool in ("xz", "openssl"):
         if shutil.which(tool) is None:
             unavailable(f"kubekit needs {tool}")
-    found = Cluster(root)
+    found = Cluster(root, apiserver_args)
     found.up()
     return found
