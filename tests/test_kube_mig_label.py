@@ -178,6 +178,28 @@ def test_turning_the_protocol_off_by_reload_gives_the_node_back_and_ignores_the_
     assert node.state()["selected_origin"] == "gpudctl mig apply"
 
 
+def test_a_node_whose_driver_comes_later_applies_the_label_then_not_failed_before(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    """First boot: cloud-init is still installing the driver when gpud and the API link come
+    up. The label waits for the GPUs instead of failing, and is applied once they are there."""
+    from gpud.hw.sim.driver import DriverState, control_node, set_driver
+
+    label(kube, "all-1g.5gb")
+    set_driver(short_tmp / "state", DriverState.NOT_LOADED)
+    node = start(short_tmp, "dgx-a100", config(kube))
+    nodes.append(node)
+    found = wait_link(node, lambda p: "waiting for the GPUs: no driver" in p["detail"])
+    assert f"{CONFIG}=all-1g.5gb seen" in found["detail"]
+    time.sleep(1.0)
+    assert STATE not in kube.labels()  # neither pending nor failed while there is no driver
+
+    set_driver(short_tmp / "state", DriverState.LOADED)  # the driver is installed and loads
+    control_node(short_tmp / "state").touch()
+    wait_state(kube, "success", timeout=60)
+    node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56)
+
+
 def test_a_layout_that_does_not_fit_or_does_not_exist_is_failed_and_changes_nothing(
     kube: Cluster, short_tmp: Path, nodes: list[MigNode]
 ) -> None:

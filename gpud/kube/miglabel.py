@@ -14,7 +14,9 @@ apply -c NAME`` would (same planner, journal and PodResources checks), then ``su
 - a value is driven once: a re-read Node with the value already handled changes nothing, and a
   state label that cannot be written (the API server away) is written when it is back, without
   applying again;
-- a new value while one waits for pods replaces it at once.
+- a new value while one waits for pods replaces it at once;
+- a node whose GPU driver is not usable yet (first boot, the driver still installing) leaves the
+  state label alone and drives the value once the driver is there, instead of ``failed``.
 
 The daemon is told the label's value (``NodeRequests.mig_label``), which makes it refuse a local
 ``gpudctl mig apply`` while the label is set: the cluster's choice wins (docs/cluster.md).
@@ -83,6 +85,7 @@ class MigByLabel:
         wait_for_pods_s: Callable[[], float],
         node_seen: Callable[[str], None],
         changed: Callable[[Progress], None],
+        unusable: Callable[[], str],
     ) -> None:
         self.client = client
         self.requests = requests
@@ -91,6 +94,9 @@ class MigByLabel:
         # new one: the labels and the condition must be sent to it again).
         self.node_seen = node_seen
         self.changed = changed
+        # Why the daemon cannot do MIG now ("" when it can): the GPU driver not there yet.
+        self.unusable = unusable
+        self._blocked = False
         self.progress = Progress()
         self._node: NodeView | None = None
         self._wake = asyncio.Event()
@@ -113,6 +119,12 @@ class MigByLabel:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s stopped", task.get_name(), exc_info=task.exception())
             self._report(problem=f"{task.get_name()} stopped: {task.exception()!r}; see the log")
+
+    def poke(self) -> None:
+        """The node state changed: a value held back for want of a driver may go now."""
+        if self._blocked and not self.unusable():
+            self._blocked = False
+            self._wake.set()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -174,6 +186,12 @@ class MigByLabel:
                 self._report(layout=None, state="")
                 continue
             if layout == self._done:
+                continue
+            why = self.unusable()
+            if why:
+                self._blocked = True
+                self._report(layout=layout, state="", problem=f"waiting for the GPUs: {why}")
+                log.info("%s=%s waits for the GPUs: %s", CONFIG_LABEL, layout, why)
                 continue
             await self._drive(layout)
 

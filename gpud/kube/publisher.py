@@ -234,12 +234,15 @@ class KubernetesPublisher:
                 lambda: float(self.link.latest().config.mig.by_label.wait_for_pods),
                 self._node_seen,
                 lambda _: self._show(),
+                lambda: self.link.latest().backend_error,
             )
             self._mig.start()
         elif not wanted and self._mig is not None:
             await self._mig.stop()
             self._mig = None
             self._show()
+        if self._mig is not None:
+            self._mig.poke()
 
     def _node_seen(self, uid: str) -> None:
         """The watch read the Node: one re-created under the same name gets gpud's labels again
