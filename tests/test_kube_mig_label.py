@@ -358,14 +358,16 @@ def test_a_node_deleted_and_registered_again_gets_labels_and_its_request_handled
         manifest.write_text(json.dumps(fresh))
         kube.kubectl("create", "-f", str(manifest))
 
+    def handled(got: dict[str, str]) -> bool:
+        """The request done and gpud's labels back (two writes, in either order)."""
+        return got.get(STATE) == "success" and got.get("nvidia.com/gpu.count") == "8"
+
     register_again("all-1g.5gb")
-    labels = wait_state(kube, "success", timeout=40)
-    assert labels["nvidia.com/gpu.count"] == "8"
+    kube.wait_labels(handled, 40, "success and gpud's labels")
     node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56)
     # Again, with the same value as the Node that went: a new Node, so a new request.
     register_again("all-1g.5gb")
-    labels = wait_state(kube, "success", timeout=40)
-    assert labels["nvidia.com/gpu.count"] == "8"
+    kube.wait_labels(handled, 40, "success and gpud's labels again")
 
 
 def test_the_api_server_down_at_start_kubelet_served_then_everything_catches_up(
