@@ -310,6 +310,43 @@ class Labels(_Strict):
     nfd: Nfd = Field(default_factory=Nfd)
 
 
+class AllocationMode(str, enum.Enum):
+    """Which kubelet API hands this node's GPUs to pods: never both for the same GPUs."""
+
+    DEVICE_PLUGIN = "device-plugin"
+    DRA = "dra"
+
+
+class Allocation(_Strict):
+    """``allocation``: how pods get GPUs (docs/dra.md)."""
+
+    mode: AllocationMode = AllocationMode.DEVICE_PLUGIN
+
+
+_DRIVER_NAME = re.compile(rf"(?=.{{1,63}}$){_LABEL}(\.{_LABEL})+")
+
+
+class Dra(_Strict):
+    """``dra``: gpud as the node's Dynamic Resource Allocation driver (``allocation.mode: dra``)."""
+
+    # The DRA driver name in ResourceSlices and DeviceClasses; NVIDIA's by default, so claims
+    # and DeviceClasses written for NVIDIA's driver select gpud's devices unchanged.
+    driver_name: str = "gpu.nvidia.com"
+    # Publish MIG-capable GPUs as partitionable devices and create the allocated MIG instance at
+    # Prepare (destroyed at Unprepare).
+    dynamic_mig: bool = False
+
+    @field_validator("driver_name")
+    @classmethod
+    def _driver_name(cls, value: str) -> str:
+        if not _DRIVER_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a DRA driver name (a DNS subdomain with at least one dot, "
+                "lower-case, at most 63 characters, e.g. gpu.nvidia.com)"
+            )
+        return value
+
+
 class Kubernetes(_Strict):
     """``kubernetes``: gpud's own link to the API server (labels on its Node), with the kubelet's
     credentials unless told otherwise. See docs/cluster.md."""
@@ -414,6 +451,8 @@ class Config(_Strict):
     health: Health = Field(default_factory=Health)
     sharing: Sharing = Field(default_factory=Sharing)
     mig: Mig = Field(default_factory=Mig)
+    allocation: Allocation = Field(default_factory=Allocation)
+    dra: Dra = Field(default_factory=Dra)
     labels: Labels = Field(default_factory=Labels)
     kubernetes: Kubernetes = Field(default_factory=Kubernetes)
     toolkit: Toolkit = Field(default_factory=Toolkit)
