@@ -1,0 +1,1 @@
+"""gpud as the node's Dynamic Resource Allocation (DRA) driver for GPUs and MIG devices."""
