@@ -230,3 +230,9 @@ def test_plan_rewrites_every_slice_with_a_new_generation_on_any_change(tmp_path:
     # No devices left: every held slice is deleted.
     gone = plan([], held, DRIVER, "n")
     assert sorted(gone.deletes) == ["a", "b"] and not gone.updates and not gone.creates
+
+
+def test_a_pool_emptied_and_refilled_goes_on_from_the_last_generation(tmp_path: Path) -> None:
+    specs = slice_specs(dra_devices(snapshot(machine(tmp_path)), DRIVER), DRIVER, "n")
+    assert plan(specs, (), DRIVER, "n", floor=2).generation == 3
+    assert plan(specs, [Held("a", 5, "stale")], DRIVER, "n", floor=2).generation == 6

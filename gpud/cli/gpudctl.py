@@ -29,6 +29,7 @@ examples:
   gpudctl driver status -o json       the NVIDIA driver: packages, module, reboot, problems
   sudo gpudctl driver install --dry-run   what installing the driver would run
   sudo gpudctl toolkit configure --cdi   add the nvidia runtime to containerd (in place)
+  gpudctl dra manifests | kubectl apply -f -   the DeviceClasses for DRA nodes (cluster admin)
 
 environment: GPUD_SOCKET overrides the default socket (/run/gpud/gpud.sock);
   GPUD_ROOT reads another root directory for platform and driver (chroots, tests)
@@ -214,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--auto", action="store_true", help="back to the built-in load that moves over time"
     )
     _add_output(sub.add_parser("labels", help="the node labels gpud publishes, and where"))
+    dra = sub.add_parser("dra", help="Dynamic Resource Allocation (allocation.mode: dra)")
+    asub = dra.add_subparsers(dest="dra_command", required=True, metavar="COMMAND")
+    manifests = asub.add_parser(
+        "manifests", help="the DeviceClasses a cluster admin applies (no daemon needed)"
+    )
+    manifests.add_argument(
+        "--driver-name",
+        default="gpu.nvidia.com",
+        metavar="NAME",
+        help="the nodes' dra.driverName (default gpu.nvidia.com)",
+    )
     return p
 
 
@@ -466,6 +478,15 @@ def main(argv: list[str] | None = None) -> int:
             from gpud.cli.driver import driver_install_command
 
             return driver_install_command(args, fmt)
+    if args.command == "dra" and args.dra_command == "manifests":
+        from gpud.dra.manifests import manifests_yaml
+
+        try:
+            sys.stdout.write(manifests_yaml(args.driver_name))
+        except ValueError as exc:
+            print(f"gpudctl: --driver-name: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        return EXIT_OK
     if args.command == "toolkit":
         from gpud.cli.toolkit import toolkit_command
 

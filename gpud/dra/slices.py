@@ -96,19 +96,26 @@ def body(spec: dict[str, Any], generation: int, driver: str, node: str) -> dict[
     }
 
 
-def plan(specs: Sequence[dict[str, Any]], held: Sequence[Held], driver: str, node: str) -> Plan:
+def plan(
+    specs: Sequence[dict[str, Any]],
+    held: Sequence[Held],
+    driver: str,
+    node: str,
+    floor: int = 0,
+) -> Plan:
     """What to send so that the pool is ``specs``; a plan with no writes when it already is.
 
     Held slices are reused in name order (overwritten in place, so the pool never goes empty
     while it changes), the extra ones deleted first (the Go helper's order), missing ones
-    created. The new generation is one above the highest held, so it only ever grows, across
-    restarts of gpud too.
+    created. The new generation is one above the highest held or ``floor`` (the last one gpud
+    wrote, for a pool that was emptied meanwhile), so it only ever grows, across restarts of
+    gpud too.
     """
     wanted = sorted(digest(s) for s in specs)
     top = max((h.generation for h in held), default=0)
     if wanted == sorted(h.digest for h in held) and all(h.generation == top for h in held):
         return Plan(top, (), (), ())
-    generation = top + 1
+    generation = max(top, floor) + 1
     reuse = sorted(held, key=lambda h: h.name)
     bodies = [body(s, generation, driver, node) for s in specs]
     updates = tuple((h.name, b) for h, b in zip(reuse, bodies, strict=False))

@@ -305,6 +305,78 @@ class KubeClient:
             raise
         return True
 
+    # ---- DRA ResourceSlices of this node (a kubelet credential may create, list and watch
+    # with the spec.nodeName field selector, patch and delete them; never get one by name).
+
+    def _slice_fields(self, driver: str) -> dict[str, str]:
+        return {"spec.nodeName": self.access.node_name, "spec.driver": driver}
+
+    async def list_slices(self, driver: str) -> tuple[list[Any], str]:
+        """This node's ResourceSlices of ``driver`` and the list's resourceVersion (where a
+        watch goes on from)."""
+        from lightkube.resources.resource_v1 import ResourceSlice
+
+        client = await self._ready()
+
+        async def read() -> tuple[list[Any], str]:
+            found = client.list(ResourceSlice, fields=self._slice_fields(driver))
+            items = [item async for item in found]
+            return items, str(found.resourceVersion)
+
+        return await self._call(read())
+
+    async def create_slice(self, body: Mapping[str, Any]) -> Any:
+        from lightkube.resources.resource_v1 import ResourceSlice
+
+        client = await self._ready()
+        return await self._call(client.create(ResourceSlice.from_dict(dict(body))))
+
+    async def patch_slice(self, name: str, body: Mapping[str, Any]) -> Any:
+        """A JSON merge patch: the devices list is replaced whole, as wanted."""
+        from lightkube.resources.resource_v1 import ResourceSlice
+        from lightkube.types import PatchType
+
+        client = await self._ready()
+        patch = {"metadata": {"annotations": body["metadata"]["annotations"]}, "spec": body["spec"]}
+        return await self._call(
+            client.patch(ResourceSlice, name, patch, patch_type=PatchType.MERGE)
+        )
+
+    async def delete_slice(self, name: str) -> None:
+        """Delete one slice; one already gone (kubelet wiped it) is no error."""
+        from lightkube.resources.resource_v1 import ResourceSlice
+
+        client = await self._ready()
+        try:
+            await self._call(client.delete(ResourceSlice, name))
+        except KubeError as exc:
+            if exc.code != 404:
+                raise
+
+    async def watch_slices(
+        self, driver: str, resource_version: str
+    ) -> AsyncIterator[tuple[str, str, str]]:
+        """Changes to this node's slices of ``driver`` after ``resource_version``, as (kind,
+        name, resourceVersion); raises :class:`KubeError` when the watch breaks, as
+        :meth:`watch_node` does."""
+        from lightkube.resources.resource_v1 import ResourceSlice
+
+        client = await self._ready()
+        stream = client.watch(
+            ResourceSlice,
+            fields=self._slice_fields(driver),
+            resource_version=resource_version,
+            server_timeout=WATCH_SERVER_TIMEOUT_S,
+        ).__aiter__()
+        try:
+            while True:
+                kind, obj = await self._call(asyncio.wait_for(anext(stream), WATCH_SILENCE_S))
+                meta = obj.metadata
+                yield str(kind), str(meta.name), str(meta.resourceVersion or "")
+        finally:
+            with contextlib.suppress(RuntimeError):
+                await stream.aclose()
+
     async def _call(self, request: Any) -> Any:
         from lightkube import ApiError
 

@@ -30,9 +30,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpud.config.models import Kubernetes
+from gpud.config.models import AllocationMode, Kubernetes
 from gpud.kube import access as kube_access
 from gpud.kube.access import Access
 from gpud.kube.client import KubeError, NodeReplaced
@@ -46,6 +47,7 @@ from gpud.node.hub import MAX_EVENTS, PublisherLink, Update
 from gpud.node.state import NodeState
 
 if TYPE_CHECKING:
+    from gpud.dra.publish import SliceSync
     from gpud.kube.client import KubeClient
     from gpud.kube.miglabel import MigByLabel
 
@@ -112,6 +114,11 @@ class KubernetesPublisher:
         self._found_condition = ("", "")
         self._condition: _SentCondition | None = None
         self._wake: asyncio.TimerHandle | None = None
+        # DRA: the pool kept while allocation.mode is dra; the drivers whose slices of this
+        # node are to be deleted (a mode or driver change; at start, what an earlier run left).
+        self._slices: SliceSync | None = None
+        self._unpublish: set[str] | None = None
+        self.sys_root = Path("/sys")
 
     async def start(self, link: PublisherLink) -> None:
         """Nothing is read before kubelet has its plugins (see :meth:`_await_registration`)."""
@@ -147,6 +154,7 @@ class KubernetesPublisher:
             self._send_events,
             lambda: self._keep_condition(state),
             lambda: self._keep_labels(wanted),
+            lambda: self._keep_slices(state),
         ):
             try:
                 await step()
@@ -167,6 +175,12 @@ class KubernetesPublisher:
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
+        if self._slices is not None:
+            # Left in place: a restarted gpud finds them equal and sends nothing; kubelet
+            # deletes them 30 s after the DRA plugin is gone for good.
+            await self._slices.stop()
+            self._slices = None
+        self._unpublish = None
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -409,6 +423,46 @@ class KubernetesPublisher:
             loop = asyncio.get_running_loop()
             self._wake = loop.call_later(min(delays), self.link.republish)
 
+    # ---- DRA ResourceSlices --------------------------------------------------------------
+
+    async def _keep_slices(self, state: NodeState) -> None:
+        """Publish the node's devices as ResourceSlices while ``allocation.mode`` is dra
+        (:mod:`gpud.dra.publish`); delete them when it no longer is, or for a driver name no
+        longer used, before anything else: one API per node for the same GPUs."""
+        if not state.ready:
+            return  # the GPUs and their layouts may be partial before that
+        from gpud.dra.publish import SliceSync
+
+        driver = state.config.dra.driver_name
+        wanted = state.config.allocation.mode is AllocationMode.DRA
+        if self._unpublish is None:
+            self._unpublish = set() if wanted else {driver}
+        sync = self._slices
+        if sync is not None and (not wanted or sync.driver != driver):
+            await sync.stop()
+            self._slices = None
+            self._unpublish.add(sync.driver)
+            log.info(
+                "DRA: withdrawing the ResourceSlices of %s (%s)",
+                self._access.node_name,
+                sync.driver,
+            )
+        for old in sorted(self._unpublish - ({driver} if wanted else set())):
+            await SliceSync(self._kube(), old, lambda: None, self.sys_root).withdraw()
+            self._unpublish.discard(old)
+            self._show()
+        if not wanted:
+            return
+        if self._slices is None:
+            self._slices = SliceSync(self._kube(), driver, self._slices_changed, self.sys_root)
+            self._slices.start()
+        await self._slices.keep(state)
+        self._show()
+
+    def _slices_changed(self) -> None:
+        self._show()
+        self.link.republish()
+
     def _show(self) -> None:
         parts = [self._access.describe()]
         if self._access.on and self._applied is not None:
@@ -429,6 +483,10 @@ class KubernetesPublisher:
             parts.append(f"not sent (NodeRestriction): {left_out}")
         if self._mig is not None:
             parts.append(self._mig.progress.describe())
+        if self._slices is not None:
+            parts.append(self._slices.published.describe(self._slices.driver))
+            if self._slices.problem:
+                parts.append(self._slices.problem)
         self.link.set_detail("; ".join(parts))
 
 

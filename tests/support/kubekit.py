@@ -22,10 +22,12 @@ class Cluster:
     """One kubekit control plane in ``root``; :meth:`up` and :meth:`down` may repeat (the ports
     and the etcd data stay, so a restarted API server is the same cluster)."""
 
-    def __init__(self, root: Path, apiserver_args: str = "") -> None:
+    def __init__(self, root: Path, apiserver_args: str = "", with_parts: str = "") -> None:
         self.root = root
         # Extra kube-apiserver flags (KUBEKIT_APISERVER_ARGS), kept for every up().
         self.apiserver_args = apiserver_args
+        # Extra control-plane parts (KUBEKIT_WITH: "scheduler,claims" for DRA allocation).
+        self.with_parts = with_parts
         self.node = "gpu-node-1"
         self.admin = root / "admin.kubeconfig"
         self.node_kubeconfig = root / "node.kubeconfig"
@@ -33,7 +35,10 @@ class Cluster:
 
     def _kit(self, *args: str) -> str:
         env = dict(
-            os.environ, KUBEKIT_DOWN_SIGNAL="KILL", KUBEKIT_APISERVER_ARGS=self.apiserver_args
+            os.environ,
+            KUBEKIT_DOWN_SIGNAL="KILL",
+            KUBEKIT_APISERVER_ARGS=self.apiserver_args,
+            KUBEKIT_WITH=self.with_parts,
         )
         out = subprocess.run(
             [str(KUBEKIT), *args], capture_output=True, text=True, timeout=180, env=env
@@ -55,13 +60,14 @@ class Cluster:
         self._kit("add-node", str(self.root), name)
         return self.root / "nodes" / f"{name}.kubeconfig"
 
-    def kubectl(self, *args: str, kubeconfig: Path | None = None) -> str:
+    def kubectl(self, *args: str, kubeconfig: Path | None = None, stdin: str | None = None) -> str:
         assert self.bin is not None
         out = subprocess.run(
             [str(self.bin / "kubectl"), "--kubeconfig", str(kubeconfig or self.admin), *args],
             capture_output=True,
             text=True,
             timeout=30,
+            input=stdin,
         )
         if out.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)}: {out.stderr}")
@@ -107,13 +113,14 @@ class Cluster:
             time.sleep(0.05)
 
 
-def cluster(root: Path, apiserver_args: str = "") -> Cluster:
-    """A started cluster in ``root``; unavailable (skip, or fail under CI) without kubekit."""
+def cluster(root: Path, apiserver_args: str = "", with_parts: str = "") -> Cluster:
+    """A started cluster in ``root``; unavailable (skip, or fail under CI) without kubekit.
+    ``with_parts`` "scheduler,claims" adds kube-scheduler and the ResourceClaim controller."""
     if not KUBEKIT.exists():
         unavailable(f"{KUBEKIT} is not beside this checkout")
     for tool in ("xz", "openssl"):
         if shutil.which(tool) is None:
             unavailable(f"kubekit needs {tool}")
-    found = Cluster(root, apiserver_args)
+    found = Cluster(root, apiserver_args, with_parts)
     found.up()
     return found
