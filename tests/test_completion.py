@@ -64,6 +64,7 @@ def test_top_level_commands() -> None:
         "device",
         "devices",
         "doctor",
+        "dra",
         "driver",
         "labels",
         "mig",
@@ -90,6 +91,8 @@ def test_nested_commands_and_their_options() -> None:
         "-o",
     ]
     assert complete("gpudctl", "mig", "apply", "--d") == ["--dry-run"]
+    assert complete("gpudctl", "dra", "") == ["manifests"]
+    assert complete("gpudctl", "dra", "manifests", "--d") == ["--driver-name"]
 
 
 def test_option_values_are_its_choices() -> None:

@@ -390,3 +390,21 @@ def test_the_api_server_accepts_the_slices_of_every_simulated_machine(
         kubeconfig=kube.node_kubeconfig, stdin=json.dumps(items),
     )  # fmt: skip
     assert out.count("resourceslice.resource.k8s.io/") == len(bodies)
+
+
+def test_manifests_for_another_driver_name_are_accepted_and_a_bad_name_is_refused(
+    kube: Cluster,
+) -> None:
+    def manifests(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "gpud.cli.gpudctl", "dra", "manifests", *args]
+        return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+    out = manifests("--driver-name", "gpu.example.com")
+    assert out.returncode == 0, out.stderr
+    applied = kube.kubectl("apply", "--dry-run=server", "-f", "-", stdin=out.stdout)
+    assert "deviceclass.resource.k8s.io/gpu.example.com created (server dry run)" in applied
+    assert "deviceclass.resource.k8s.io/mig.example.com created (server dry run)" in applied
+
+    bad = manifests("--driver-name", "GPU_Driver")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "'GPU_Driver' is not a DRA driver name" in bad.stderr
