@@ -336,13 +336,19 @@ def test_wiped_slices_come_back_an_xid_taints_and_the_api_server_restart_is_surv
         "NoSchedule",
     )
     assert "1 tainted unhealthy" in link(node)
+    uuid = node.uuids()[3]
+    assert node.gpudctl("device", "set-healthy", uuid).returncode == 0
+    wait_slices(kube, lambda s: "taints" not in devices(s)["gpu-3"], "gpu-3 untainted")
 
-    # Back to the device plugin: the slices are withdrawn.
+    # Back to the device plugin (allocation.mode applies at a restart): the slices are
+    # withdrawn as gpud starts, not left for the scheduler until kubelet wipes them.
+    node.gpud.terminate()
     (short_tmp / "gpud.yaml").write_text(
         f"version: v1\nkubernetes:\n  kubeconfig: {kube.node_kubeconfig}\n"
         f"paths:\n  podResourcesSocket: {node.podres_socket}\n"
     )
-    assert node.gpudctl("config", "reload").returncode == 0
+    node.gpud.start()
+    node.gpud.wait_ready()
     wait_slices(kube, lambda s: not s, "the slices withdrawn")
     assert "DRA:" not in link(node)
 
@@ -366,8 +372,9 @@ def _machines() -> list[str]:
 def test_the_api_server_accepts_the_slices_of_every_simulated_machine(
     kube: Cluster, tmp_path: Path
 ) -> None:
-    """Every machine whole, and every MIG-capable one cut into each profile that fills it, one
-    GPU unhealthy: a server dry-run create with the node's identity accepts every slice."""
+    """Every machine whole, and every MIG-capable one cut into each profile that fills it, with
+    and without an unhealthy GPU (taints: 64 devices a slice): a server dry-run create with the
+    node's identity accepts every slice."""
     bodies = []
     for spec in _machines():
         backend = SimBackend(spec, tmp_path / spec.replace(":", "-"))
@@ -380,6 +387,7 @@ def test_the_api_server_accepts_the_slices_of_every_simulated_machine(
             for gpu in cut.gpus():
                 fill(cut, gpu.index, profile.name)
             states.append(snapshot(cut))
+            states.append(snapshot(cut, unhealthy={cut.gpus()[0].uuid: "critical XID 48"}))
         for state in states:
             specs = slice_specs(dra_devices(state, DRIVER), DRIVER, kube.node)
             bodies += plan(specs, (), DRIVER, kube.node).creates
