@@ -236,3 +236,15 @@ def test_a_pool_emptied_and_refilled_goes_on_from_the_last_generation(tmp_path: 
     specs = slice_specs(dra_devices(snapshot(machine(tmp_path)), DRIVER), DRIVER, "n")
     assert plan(specs, (), DRIVER, "n", floor=2).generation == 3
     assert plan(specs, [Held("a", 5, "stale")], DRIVER, "n", floor=2).generation == 6
+
+
+def test_pcie_roots_are_read_from_sysfs_links(tmp_path: Path) -> None:
+    from gpud.dra.publish import read_pcie_roots
+
+    devices = tmp_path / "bus" / "pci" / "devices"
+    devices.mkdir(parents=True)
+    real = tmp_path / "devices" / "pci0000:64" / "0000:64:01.0" / "0000:65:00.0"
+    real.mkdir(parents=True)
+    (devices / "0000:65:00.0").symlink_to(real)
+    found = read_pcie_roots(["0000:65:00.0", "0000:07:00.0"], tmp_path)
+    assert found == {"0000:65:00.0": "pci0000:64"}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +62,6 @@ class Published:
     slices: int = 0
     generation: int = 0
     tainted: int = 0
-    # Seconds the last change took to write (list included when one was needed).
-    took_s: float = 0.0
 
     def describe(self, driver: str) -> str:
         if not self.slices:
@@ -125,16 +122,14 @@ class SliceSync:
         """Make the API server hold this snapshot's devices."""
         devices = self.devices(state)
         specs = slice_specs(devices, self.driver, self.node)
-        started = time.monotonic()
         try:
-            wrote = await self._send(specs)
+            await self._send(specs)
         except KubeError:
             self._held = None  # partly written, or the server changed: read it again
             raise
-        took = time.monotonic() - started if wrote else self.published.took_s
         generation = max((h.generation for h in (self._held or {}).values()), default=0)
         tainted = sum(1 for d in devices if d.taints)
-        self.published = Published(len(devices), len(specs), generation, tainted, took)
+        self.published = Published(len(devices), len(specs), generation, tainted)
 
     async def withdraw(self) -> None:
         """Delete every slice of this node's pool (the node no longer offers its GPUs via DRA)."""
@@ -142,8 +137,8 @@ class SliceSync:
         await self._send([])
         self.published = Published()
 
-    async def _send(self, specs: list[dict[str, Any]]) -> bool:
-        """Write what differs; False when nothing did."""
+    async def _send(self, specs: list[dict[str, Any]]) -> None:
+        """Write what differs from what the API server holds."""
         if self._held is None:
             try:
                 items, _ = await self.client.list_slices(self.driver)
@@ -158,7 +153,7 @@ class SliceSync:
         held = self._held
         todo = plan(specs, list(held.values()), self.driver, self.node, self._generation)
         if not todo.writes:
-            return False
+            return
         self._generation = todo.generation
         for name in todo.deletes:
             self._mine[name] = ""
@@ -180,7 +175,6 @@ class SliceSync:
             len(todo.updates),
             len(todo.creates),
         )
-        return True
 
     def _record(self, written: Any) -> None:
         held = _held(written)

@@ -450,7 +450,6 @@ class KubernetesPublisher:
         for old in sorted(self._unpublish - ({driver} if wanted else set())):
             await SliceSync(self._kube(), old, lambda: None, self.sys_root).withdraw()
             self._unpublish.discard(old)
-            self._show()
         if not wanted:
             return
         if self._slices is None:
