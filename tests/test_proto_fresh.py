@@ -63,3 +63,55 @@ def test_wire_contract_field_numbers() -> None:
         "v1beta1.DevicePlugin.PreStartContainer",
     ]
     assert services["Registration"].methods[0].full_name == "v1beta1.Registration.Register"
+
+
+def test_dra_wire_contract() -> None:
+    """Registration, DRA v1/v1beta1 and health v1alpha1 as kubelet 1.34-1.36 speaks them
+    (shared/reference/dra.md 1.2 and 2): a wrong package makes every call Unimplemented."""
+    from gpud._proto.dra.v1 import api_pb2 as v1
+    from gpud._proto.dra.v1beta1 import api_pb2 as v1beta1
+    from gpud._proto.drahealth.v1alpha1 import api_pb2 as health
+    from gpud._proto.pluginregistration.v1 import api_pb2 as reg
+
+    def numbers(message: type) -> dict[str, int]:
+        return {f.name: f.number for f in message.DESCRIPTOR.fields}
+
+    def methods(module: object, service: str) -> list[str]:
+        desc = module.DESCRIPTOR.services_by_name[service]  # type: ignore[attr-defined]
+        return [f"/{desc.full_name}/{m.name}" for m in desc.methods]
+
+    assert methods(reg, "Registration") == [
+        "/pluginregistration.Registration/GetInfo",
+        "/pluginregistration.Registration/NotifyRegistrationStatus",
+    ]
+    assert numbers(reg.PluginInfo) == {
+        "type": 1,
+        "name": 2,
+        "endpoint": 3,
+        "supported_versions": 4,
+    }
+    assert numbers(reg.RegistrationStatus) == {"plugin_registered": 1, "error": 2}
+    for api, version in ((v1, "v1"), (v1beta1, "v1beta1")):
+        assert methods(api, "DRAPlugin") == [
+            f"/k8s.io.kubelet.pkg.apis.dra.{version}.DRAPlugin/NodePrepareResources",
+            f"/k8s.io.kubelet.pkg.apis.dra.{version}.DRAPlugin/NodeUnprepareResources",
+        ]
+        assert numbers(api.Claim) == {"namespace": 1, "uid": 2, "name": 3}
+        assert numbers(api.NodePrepareResourceResponse) == {"devices": 1, "error": 2}
+        assert numbers(api.NodeUnprepareResourceResponse) == {"error": 1}
+        assert numbers(api.NodePrepareResourcesResponse) == {"claims": 1}
+    device = {"request_names": 1, "pool_name": 2, "device_name": 3, "cdi_device_ids": 4}
+    assert numbers(v1beta1.Device) == device
+    assert numbers(v1.Device) == {**device, "share_id": 5}
+    assert methods(health, "DRAResourceHealth") == [
+        "/v1alpha1.DRAResourceHealth/NodeWatchResources"
+    ]
+    assert numbers(health.DeviceHealth) == {
+        "device": 1,
+        "health": 2,
+        "last_updated_time": 3,
+        "health_check_timeout_seconds": 4,
+        "message": 5,
+    }
+    assert numbers(health.DeviceIdentifier) == {"pool_name": 1, "device_name": 2}
+    assert dict(health.HealthStatus.items()) == {"UNKNOWN": 0, "HEALTHY": 1, "UNHEALTHY": 2}
