@@ -22,6 +22,8 @@ class KubeletPaths:
     device_plugin_dir: Path
     pod_resources_socket: Path
     reason: str
+    # kubelet's --root-dir: plugins_registry/ and plugins/<driver>/ (DRA) are below it.
+    root: Path
 
 
 def detect(root: Path = Path("/")) -> KubeletPaths:
@@ -32,6 +34,7 @@ def detect(root: Path = Path("/")) -> KubeletPaths:
             root / K3S_ROOT / "device-plugins",
             root / K3S_ROOT / "pod-resources/kubelet.sock",
             "found /var/lib/rancher/k3s/agent",
+            root / K3S_ROOT,
         )
     if (root / "snap/microk8s").exists() or (root / MICROK8S_ROOT).is_dir():
         # The device-plugin path stays the hard-coded one (through the symlink when it exists);
@@ -41,10 +44,12 @@ def detect(root: Path = Path("/")) -> KubeletPaths:
             root / UPSTREAM_ROOT / "device-plugins",
             root / MICROK8S_ROOT / "pod-resources/kubelet.sock",
             "found MicroK8s",
+            root / MICROK8S_ROOT,
         )
     return KubeletPaths(
         "kubelet",
         root / UPSTREAM_ROOT / "device-plugins",
         root / UPSTREAM_ROOT / "pod-resources/kubelet.sock",
         "kubelet's default",
+        root / UPSTREAM_ROOT,
     )

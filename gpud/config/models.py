@@ -335,6 +335,9 @@ class Dra(_Strict):
     # Publish MIG-capable GPUs as partitionable devices and create the allocated MIG instance at
     # Prepare (destroyed at Unprepare).
     dynamic_mig: bool = False
+    # Where Prepare writes each claim's CDI spec; the container runtime must read this directory
+    # (containerd and CRI-O read /etc/cdi and /var/run/cdi by default).
+    cdi_dir: Path = Path("/var/run/cdi")
 
     @field_validator("driver_name")
     @classmethod

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gpud.config.models import AllocationMode
 from gpud.daemon.api import ControlApi
 from gpud.daemon.daemon import Daemon
 from gpud.daemon.settings import Settings
 from gpud.deviceplugin.publisher import KubeletPublisher
+from gpud.dra import switch
 from gpud.host import cdi
 from gpud.hw.backend import Backend
 from gpud.kube.publisher import KubernetesPublisher
@@ -31,7 +33,15 @@ def compose(settings: Settings, backend: Backend, *, cdi_spec: Path = cdi.DEFAUL
     labels = LabelsPublisher()
     api = ControlApi(paths.socket, paths.socket_group, backend, labels=lambda: labels.published)
     daemon.publishers.add(api, required=True)
-    daemon.publishers.add(KubeletPublisher(settings.kubelet_dir), awaited=True)
+    # One kubelet API for the node's GPUs, chosen at start (allocation.mode); each removes the
+    # other's stale sockets before it advertises (gpud.dra.switch).
+    if settings.config.allocation.mode is AllocationMode.DRA:
+        from gpud.dra.plugin import DraPublisher
+
+        daemon.publishers.add(DraPublisher(settings.kubelet_root))
+    else:
+        stale = switch.dra_sockets(settings.kubelet_root, settings.config.dra.driver_name)
+        daemon.publishers.add(KubeletPublisher(settings.kubelet_dir, stale), awaited=True)
     daemon.publishers.add(labels)
     metrics = settings.config.metrics
     if metrics.enabled:

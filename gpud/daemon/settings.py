@@ -69,6 +69,9 @@ class Settings:
     config_file: Path | None
     kubelet_dir: Path
     kubelet_reason: str
+    # kubelet's root directory (DRA's plugins_registry and plugins/ are below it): the parent
+    # of a configured device-plugin directory, which kubelet keeps at <root>/device-plugins.
+    kubelet_root: Path
     pod_resources_socket: Path
     # What the daemon should log once: keys of an NVIDIA plugin config that gpud ignores, etc.
     warnings: tuple[str, ...]
@@ -82,14 +85,16 @@ def resolve(config_file: Path | None, overrides: Overrides) -> Settings:
     if source is None and DEFAULT_CONFIG_PATH.exists():
         source = DEFAULT_CONFIG_PATH
     found = kubelet.detect()
-    kubelet_dir, reason = found.device_plugin_dir, found.reason
+    kubelet_dir, reason, root = found.device_plugin_dir, found.reason, found.root
     if cfg.paths.kubelet_dir is not None:
         kubelet_dir, reason = cfg.paths.kubelet_dir, "configured"
+        root = kubelet_dir.parent
     return Settings(
         config=cfg,
         config_file=source,
         kubelet_dir=kubelet_dir,
         kubelet_reason=reason,
+        kubelet_root=root,
         pod_resources_socket=cfg.paths.pod_resources_socket or found.pod_resources_socket,
         warnings=warnings,
         reload=lambda: resolve(config_file, overrides),

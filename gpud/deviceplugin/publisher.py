@@ -11,6 +11,7 @@ publisher): a MIG apply destroys instances only once kubelet was told they are w
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from gpud.config.models import DevicePlugin
 from gpud.deviceplugin.manager import PluginManager
 from gpud.deviceplugin.servicer import Snapshot
 from gpud.deviceplugin.watcher import KubeletDirWatcher
+from gpud.dra import switch
 from gpud.hw.types import GpuInfo
 from gpud.node.events import PluginRegistered
 from gpud.node.hub import PublisherLink, Update
@@ -26,6 +28,8 @@ from gpud.node.state import NodeState, PluginStatus
 from gpud.resources.allocate import CONTROL_DEVICE_PATHS
 from gpud.resources.topology import Topology
 from gpud.resources.types import ResourceSet
+
+log = logging.getLogger(__name__)
 
 
 def plugin_snapshots(
@@ -39,8 +43,11 @@ def plugin_snapshots(
 class KubeletPublisher:
     name = "kubelet"
 
-    def __init__(self, plugin_dir: Path) -> None:
+    def __init__(self, plugin_dir: Path, other_api: Sequence[Path] = ()) -> None:
+        """``other_api``: the DRA plugin's sockets, removed at start if nobody answers on
+        them (a gpud killed in DRA mode and started in device-plugin mode)."""
         self.plugin_dir = plugin_dir
+        self._other_api = other_api
         self._link: PublisherLink | None = None
         self._manager: PluginManager | None = None
         self._watching: asyncio.Task[None] | None = None
@@ -58,6 +65,11 @@ class KubeletPublisher:
         (re)starting from now on is noticed."""
         self._link = link
         link.set_detail(str(self.plugin_dir))
+        old = switch.withdraw(self._other_api)
+        for path in old.removed:
+            log.info("removed stale DRA socket %s (allocation.mode is device-plugin)", path)
+        for path in old.live:
+            log.warning("a DRA driver still serves %s beside gpud's device plugins", path)
         manager = self._manager = PluginManager(self.plugin_dir, link.stats, self._report)
         watcher = KubeletDirWatcher(self.plugin_dir, self._kubelet_started, manager.socket_removed)
         self._watching = asyncio.create_task(watcher.run())

@@ -4,6 +4,8 @@ kubelet signals its restart only through the file system: it deletes the sockets
 and creates ``kubelet.sock`` anew. Watching for that (instead of polling) is what lets gpud
 re-register within milliseconds and cost nothing while idle. If the directory does not exist yet
 (kubelet not installed or not started), the nearest existing parent is watched until it appears.
+The DRA plugin watches kubelet's ``plugins_registry`` the same way, with no trigger file: there
+only a removed socket or a re-created directory asks for action.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ class KubeletDirWatcher:
         plugin_dir: Path,
         kubelet_started: Callable[[], Awaitable[None]],
         socket_removed: Callable[[str], Awaitable[None]],
+        trigger: str | None = KUBELET_SOCKET,
     ) -> None:
+        """``kubelet_started`` runs when ``trigger`` is created in the directory, and when the
+        directory comes (back) while gpud runs."""
         self.plugin_dir = plugin_dir
+        self._trigger = trigger
         self._kubelet_started = kubelet_started
         self._socket_removed = socket_removed
         self.armed = asyncio.Event()
@@ -82,8 +88,8 @@ class KubeletDirWatcher:
                 if event.mask & _GONE:
                     log.info("kubelet directory %s went away; waiting for it", self.plugin_dir)
                     return
-                if event.mask & (Mask.CREATE | Mask.MOVED_TO) and name == KUBELET_SOCKET:
-                    log.info("kubelet.sock created: kubelet (re)started; registering again")
+                if event.mask & (Mask.CREATE | Mask.MOVED_TO) and name == self._trigger:
+                    log.info("%s created: kubelet (re)started; registering again", name)
                     await self._kubelet_started()
                 elif event.mask & (Mask.DELETE | Mask.MOVED_FROM) and name.endswith(".sock"):
                     await self._socket_removed(name)

@@ -377,6 +377,27 @@ class KubeClient:
             with contextlib.suppress(RuntimeError):
                 await stream.aclose()
 
+    async def resource_claim(self, namespace: str, name: str) -> dict[str, Any]:
+        """A ResourceClaim (resource.k8s.io/v1) as a dict. A node identity may get the claims
+        of pods bound to its node and no others (the Node authorizer's graph)."""
+        from lightkube.resources.resource_v1 import ResourceClaim
+
+        client = await self._ready()
+        try:
+            claim = await self._call(client.get(ResourceClaim, name, namespace=namespace))
+        except KubeError as exc:
+            if exc.code == 404:
+                raise KubeError(f"ResourceClaim {namespace}/{name} not found", 404) from None
+            if exc.code == 403:
+                raise KubeError(
+                    f"{self.access.identity or 'gpud'} may not read ResourceClaim "
+                    f"{namespace}/{name} (403): it is not a claim of a pod bound to node "
+                    f"{self.access.node_name}",
+                    403,
+                ) from None
+            raise
+        return dict(claim.to_dict())
+
     async def _call(self, request: Any) -> Any:
         from lightkube import ApiError
 

@@ -1,0 +1,99 @@
+"""gpud as the node's DRA driver (allocation.mode: dra), seen from kubelet's side.
+
+A real gpud process on the simulated dgx-a100, kubelet's DRA side as a stand-in that speaks the
+real registration and DRA gRPC services over real unix sockets (tests/support/drakubelet.py), and
+for claims a real kube-apiserver with the real scheduler and ResourceClaim controller
+(tests/support/kubekit.py): the claims Prepare reads are allocated exactly as in a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.drakubelet import Claim, FakeDraKubelet, wait_for
+from tests.support.mignode import MigNode, start, stopped_after
+
+DRIVER = "gpu.nvidia.com"
+
+
+def dra_config(root: Path, extra: str = "") -> str:
+    return (
+        f"version: v1\nallocation:\n  mode: dra\ndra:\n  cdiDir: {root / 'cdi'}\n"
+        "kubernetes:\n  enabled: false\n" + extra
+    )
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[MigNode]]:
+    with stopped_after() as started:
+        yield started
+
+
+def publisher(node: MigNode, name: str) -> dict[str, Any] | None:
+    out = node.gpudctl("status", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    return next((p for p in json.loads(out.stdout)["publishers"] if p["name"] == name), None)
+
+
+def test_registers_with_kubelet_and_again_after_kubelet_restarts_or_loses_a_socket(
+    short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    kubelet = FakeDraKubelet(short_tmp).start()
+    try:
+        node = start(short_tmp, "dgx-a100", dra_config(short_tmp))
+        nodes.append(node)
+        first = kubelet.wait_registered(DRIVER)
+        dra_sock = short_tmp / "plugins" / DRIVER / "dra.sock"
+        assert first.socket == str(short_tmp / "plugins_registry" / f"{DRIVER}-reg.sock")
+        assert first.endpoint == str(dra_sock)
+        # v1 first: a 1.34+ kubelet takes it; a 1.32/1.33 one finds v1beta1.
+        assert first.versions == ("v1.DRAPlugin", "v1beta1.DRAPlugin")
+        assert first.chosen == "v1.DRAPlugin"
+        wait_for(
+            lambda: "registered with kubelet" in (publisher(node, "dra") or {}).get("detail", ""),
+            10,
+            lambda: str(publisher(node, "dra")),
+        )
+        # DRA mode: nothing through the device-plugin API.
+        assert node.kubelet.registrations == []
+        assert list((short_tmp / "kubelet").glob("nvidia-*.sock")) == []
+        assert publisher(node, "kubelet") is None
+
+        kubelet.restart()
+        kubelet.wait_registered(DRIVER, count=2)
+
+        os.unlink(first.socket)  # someone cleans kubelet's registry
+        kubelet.wait_registered(DRIVER, count=3)
+
+        os.unlink(dra_sock)  # the service socket lost: served again, registered again
+        kubelet.wait_registered(DRIVER, count=4)
+        assert dra_sock.is_socket()
+        # The re-created service answers (no credentials here: a per-claim error, no crash).
+        answer = kubelet.prepare(DRIVER, Claim("default", "c", "uid-1"))
+        assert "no credentials" in answer["uid-1"]["error"]
+        assert kubelet.rejections == []
+
+        assert node.gpud.terminate() == 0
+        kubelet.wait_deregistered(DRIVER)
+        assert not Path(first.socket).exists() and not dra_sock.exists()
+    finally:
+        kubelet.stop()
+
+
+def test_a_kubelet_that_knows_only_v1beta1_registers_it(
+    short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    kubelet = FakeDraKubelet(short_tmp, supported=("v1beta1.DRAPlugin",)).start()
+    try:
+        nodes.append(start(short_tmp, "dgx-a100", dra_config(short_tmp)))
+        assert kubelet.wait_registered(DRIVER).chosen == "v1beta1.DRAPlugin"
+        answer = kubelet.prepare(DRIVER, Claim("default", "c", "uid-1"), version="v1beta1")
+        assert answer["uid-1"]["error"]
+    finally:
+        kubelet.stop()
