@@ -389,10 +389,11 @@ class KubeClient:
             if exc.code == 404:
                 raise KubeError(f"ResourceClaim {namespace}/{name} not found", 404) from None
             if exc.code == 403:
+                # The Node authorizer answers 403 for a claim that does not exist, too.
                 raise KubeError(
                     f"{self.access.identity or 'gpud'} may not read ResourceClaim "
-                    f"{namespace}/{name} (403): it is not a claim of a pod bound to node "
-                    f"{self.access.node_name}",
+                    f"{namespace}/{name} (403): it does not exist, or it is not a claim of a "
+                    f"pod bound to node {self.access.node_name}",
                     403,
                 ) from None
             raise

@@ -64,6 +64,7 @@ class Cluster:
         assert self.bin is not None
         out = subprocess.run(
             [str(self.bin / "kubectl"), "--kubeconfig", str(kubeconfig or self.admin), *args],
+            input=stdin,
             capture_output=True,
             text=True,
             timeout=30,

@@ -1,0 +1,257 @@
+"""Prepare and Unprepare of claims the real scheduler allocated, through kubelet's DRA calls.
+
+One kubekit cluster with the real kube-scheduler and ResourceClaim controller serves the module.
+The node ``gpu-node-1`` publishes a ResourceSlice with NVIDIA's device names (``gpu-<minor>``)
+here, with its own kubelet identity; pods with ResourceClaimTemplates get claims the scheduler
+allocates from it with real CEL. gpud reads each claim with the same node identity, as on a
+node, and the kubelet stand-in sends the calls over the real DRA socket.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.drakubelet import Claim, FakeDraKubelet
+from tests.support.kubekit import Cluster, cluster
+from tests.support.mignode import MigNode, start, stopped_after
+
+DRIVER = "gpu.nvidia.com"
+OTHER = "nic.example.com"
+
+
+def _slice(node: str, driver: str, devices: list[str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": f"{node}-{driver}"},
+        "spec": {
+            "driver": driver,
+            "nodeName": node,
+            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+            "devices": [{"name": d, "attributes": {"type": {"string": "gpu"}}} for d in devices],
+        },
+    }
+
+
+def _class(driver: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "DeviceClass",
+        "metadata": {"name": driver},
+        "spec": {"selectors": [{"cel": {"expression": f"device.driver == '{driver}'"}}]},
+    }
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[Cluster]:
+    root = Path(tempfile.mkdtemp(prefix="gpud-kube-"))
+    found = cluster(root, with_parts="scheduler,claims")
+    try:
+        node2 = found.add_node("gpu-node-2")
+        gpus = [f"gpu-{i}" for i in range(8)]
+        for obj, who in (
+            (_slice(found.node, DRIVER, gpus), found.node_kubeconfig),
+            (_slice(found.node, OTHER, ["nic-0"]), found.node_kubeconfig),
+            (_slice("gpu-node-2", DRIVER, gpus), node2),
+            (_class(DRIVER), None),
+            (_class(OTHER), None),
+        ):
+            found.kubectl("create", "-f", "-", kubeconfig=who, stdin=json.dumps(obj))
+        yield found
+    finally:
+        found.down()
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[MigNode]]:
+    with stopped_after() as started:
+        yield started
+
+
+def claimed_pod(kube: Cluster, device_class: str, node: str = "gpu-node-1") -> Claim:
+    """A pod with a one-device ResourceClaimTemplate of ``device_class``, scheduled to
+    ``node``; its claim once the scheduler allocated it."""
+    name = f"p{uuid.uuid4().hex[:8]}"
+    template = {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaimTemplate",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"spec": {"devices": {"requests": [
+            {"name": "gpu", "exactly": {"deviceClassName": device_class}}
+        ]}}},
+    }  # fmt: skip
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchFields": [
+                    {"key": "metadata.name", "operator": "In", "values": [node]}
+                ]}]
+            }}},
+            "resourceClaims": [{"name": "gpu", "resourceClaimTemplateName": name}],
+            "containers": [
+                {"name": "c", "image": "cuda", "resources": {"claims": [{"name": "gpu"}]}}
+            ],
+        },
+    }  # fmt: skip
+    kube.kubectl("create", "-f", "-", stdin=json.dumps({"kind": "List", "apiVersion": "v1",
+                                                        "items": [template, pod]}))  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        got = json.loads(kube.kubectl("get", "pod", name, "-o", "json"))
+        statuses = (got.get("status") or {}).get("resourceClaimStatuses") or []
+        if got["spec"].get("nodeName") and statuses:
+            claim_name = statuses[0]["resourceClaimName"]
+            claim = json.loads(kube.kubectl("get", "resourceclaim", claim_name, "-o", "json"))
+            if (claim.get("status") or {}).get("allocation"):
+                return Claim("default", claim_name, claim["metadata"]["uid"])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pod {name} not scheduled with an allocated claim: {got}")
+        time.sleep(0.2)
+
+
+def allocated_device(kube: Cluster, claim: Claim) -> str:
+    got = json.loads(kube.kubectl("get", "resourceclaim", claim.name, "-o", "json"))
+    (result,) = got["status"]["allocation"]["devices"]["results"]
+    return str(result["device"])
+
+
+def dra_node(root: Path, kube: Cluster) -> MigNode:
+    config = (
+        f"version: v1\nallocation:\n  mode: dra\ndra:\n  cdiDir: {root / 'cdi'}\n"
+        f"kubernetes:\n  kubeconfig: {kube.node_kubeconfig}\n"
+    )
+    return start(root, "dgx-a100", config)
+
+
+def spec_of(root: Path, claim: Claim) -> dict[str, Any]:
+    path = root / "cdi" / f"k8s.gpu.nvidia.com-claim_{claim.uid}.yaml"
+    return dict(yaml.safe_load(path.read_text()))
+
+
+def checkpoint(root: Path) -> dict[str, Any]:
+    return dict(json.loads((root / "state" / "dra-checkpoint.json").read_text()))
+
+
+def test_prepare_answers_cdi_ids_of_the_allocated_gpu_again_after_a_reboot_and_unprepare_removes_it(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    with FakeDraKubelet(short_tmp) as kubelet:
+        nodes.append(dra_node(short_tmp, kube))
+        kubelet.wait_registered(DRIVER)
+        claim = claimed_pod(kube, DRIVER)
+        device = allocated_device(kube, claim)
+        minor = int(device.removeprefix("gpu-"))
+
+        answer = kubelet.prepare(DRIVER, claim)[claim.uid]
+        cdi_id = f"k8s.gpu.nvidia.com/claim={claim.uid}-{device}"
+        assert answer == {
+            "error": "",
+            "devices": [
+                {"requestNames": ["gpu"], "pool": "gpu-node-1", "device": device,
+                 "cdiDeviceIDs": [cdi_id]}
+            ],
+        }  # fmt: skip
+        spec = spec_of(short_tmp, claim)
+        assert_valid_cdi(spec)
+        # The ID resolves in the spec, to that GPU's device node and no other.
+        (entry,) = [d for d in spec["devices"] if f"{spec['kind']}={d['name']}" == cdi_id]
+        assert entry["containerEdits"]["deviceNodes"] == [{"path": f"/dev/nvidia{minor}"}]
+        assert claim.uid in checkpoint(short_tmp)["preparedClaims"]
+
+        # kubelet restarted: the same answer. After a reboot /var/run/cdi is empty: the spec is
+        # written again, the answer unchanged.
+        assert kubelet.prepare(DRIVER, claim)[claim.uid] == answer
+        (short_tmp / "cdi" / f"k8s.gpu.nvidia.com-claim_{claim.uid}.yaml").unlink()
+        assert kubelet.prepare(DRIVER, claim)[claim.uid] == answer
+        assert spec_of(short_tmp, claim) == spec
+
+        assert kubelet.unprepare(DRIVER, claim) == {claim.uid: ""}
+        assert list((short_tmp / "cdi").iterdir()) == []
+        assert checkpoint(short_tmp)["preparedClaims"] == {}
+        # Repeated: nothing left to do, not an error.
+        assert kubelet.unprepare(DRIVER, claim) == {claim.uid: ""}
+
+
+def test_each_claim_gets_its_own_answer_and_bad_ones_fail_alone(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    with FakeDraKubelet(short_tmp) as kubelet:
+        nodes.append(dra_node(short_tmp, kube))
+        kubelet.wait_registered(DRIVER)
+        good = claimed_pod(kube, DRIVER)
+        other_driver = claimed_pod(kube, OTHER)
+        other_node = claimed_pod(kube, DRIVER, node="gpu-node-2")
+        missing = Claim("default", "no-such-claim", str(uuid.uuid4()))
+        replaced = Claim("default", good.name, str(uuid.uuid4()))
+
+        answer = kubelet.prepare(DRIVER, good, other_driver, other_node, missing, replaced)
+        assert answer[good.uid]["error"] == "" and len(answer[good.uid]["devices"]) == 1
+        assert f"has no device of driver {DRIVER}" in answer[other_driver.uid]["error"]
+        assert OTHER in answer[other_driver.uid]["error"]
+        # gpu-node-1's identity may not read a claim of a pod on gpu-node-2.
+        assert "403" in answer[other_node.uid]["error"]
+        # The Node authorizer cannot tell a missing claim from a foreign one: 403 as well.
+        assert "no-such-claim (403): it does not exist" in answer[missing.uid]["error"]
+        assert "was replaced" in answer[replaced.uid]["error"]
+        for failed in (other_driver, other_node, missing, replaced):
+            assert answer[failed.uid]["devices"] == []
+        specs = sorted(p.name for p in (short_tmp / "cdi").iterdir())
+        assert specs == [f"k8s.gpu.nvidia.com-claim_{good.uid}.yaml"]
+        assert list(checkpoint(short_tmp)["preparedClaims"]) == [good.uid]
+
+
+def test_after_kill_9_between_prepare_and_unprepare_the_checkpoint_still_cleans_up(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    with FakeDraKubelet(short_tmp) as kubelet:
+        node = dra_node(short_tmp, kube)
+        nodes.append(node)
+        kubelet.wait_registered(DRIVER)
+        claim = claimed_pod(kube, DRIVER)
+        answer = kubelet.prepare(DRIVER, claim)[claim.uid]
+        assert answer["error"] == ""
+
+        node.gpud.kill()
+        node.gpud.start()
+        node.gpud.wait_ready()
+        kubelet.wait_registered(DRIVER, count=2)
+        # The claim is gone from the API server by now; the checkpoint answers for it.
+        kube.kubectl("delete", "resourceclaim", claim.name, "--wait=false")
+        assert kubelet.prepare(DRIVER, claim)[claim.uid] == answer
+        assert kubelet.unprepare(DRIVER, claim) == {claim.uid: ""}
+        assert list((short_tmp / "cdi").iterdir()) == []
+        assert checkpoint(short_tmp)["preparedClaims"] == {}
+
+
+def assert_valid_cdi(spec: dict[str, Any]) -> None:
+    """The rules of the CDI specification (v0.5.0) a runtime applies when it loads a spec:
+    a known version, kind ``vendor/class`` with their character sets, device names of the
+    allowed characters, absolute device-node paths, env as KEY=VALUE."""
+    import re
+
+    assert spec["cdiVersion"] in {"0.5.0", "0.6.0", "0.7.0", "0.8.0", "1.0.0"}
+    vendor, klass = spec["kind"].split("/")
+    assert re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9_.-]*[a-zA-Z0-9])?", vendor)
+    assert re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9_-]*[a-zA-Z0-9])?", klass)
+    assert spec["devices"], "a spec needs at least one device"
+    for device in spec["devices"]:
+        assert re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9_.:-]*[a-zA-Z0-9])?", device["name"])
+        for node in device["containerEdits"]["deviceNodes"]:
+            assert node["path"].startswith("/")
+    for env in spec.get("containerEdits", {}).get("env", []):
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", env)
+    assert set(spec) <= {"cdiVersion", "kind", "devices", "containerEdits", "annotations"}
