@@ -97,3 +97,59 @@ def test_a_kubelet_that_knows_only_v1beta1_registers_it(
         assert answer["uid-1"]["error"]
     finally:
         kubelet.stop()
+
+
+def test_a_restart_in_the_other_mode_withdraws_the_old_api_before_the_new_one_registers(
+    short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    """A node switched with allocation.mode and a restart: after a kill -9 (the worst case,
+    nothing cleaned up), the mode that starts removes the other API's sockets first."""
+    conf = short_tmp / "gpud.yaml"
+    kubelet = FakeDraKubelet(short_tmp).start()
+    try:
+        node = start(short_tmp, "dgx-a100", "version: v1\nkubernetes:\n  enabled: false\n")
+        nodes.append(node)
+        node.kubelet.wait_registered("nvidia.com/gpu")
+        assert status(node)["allocation_mode"] == "device-plugin"
+        assert publisher(node, "dra") is None
+        node.gpud.kill()
+        stale_dp = short_tmp / "kubelet" / "nvidia-gpu.sock"
+        assert stale_dp.is_socket()
+
+        paths = conf.read_text().split("paths:", 1)[1]
+        conf.write_text(dra_config(short_tmp) + "paths:" + paths)
+        node.gpud.start()
+        node.gpud.wait_ready()
+        kubelet.wait_registered(DRIVER)
+        assert not stale_dp.exists()
+        log = node.gpud.log()
+        assert log.index("removed stale device-plugin socket") < log.index(
+            "kubelet registered DRA driver"
+        )
+        st = status(node)
+        assert (st["allocation_mode"], st["dra_driver"]) == ("dra", DRIVER)
+        table = node.gpudctl("status").stdout
+        assert f"allocation: DRA, driver {DRIVER}" in table
+        node.gpud.kill()
+        assert kubelet.registered(DRIVER) is not None  # the stale socket is still there
+
+        conf.write_text("version: v1\nkubernetes:\n  enabled: false\npaths:" + paths)
+        before = len(node.kubelet.registrations)
+        node.gpud.start()
+        node.gpud.wait_ready()
+        kubelet.wait_deregistered(DRIVER)
+        node.kubelet.wait_registered("nvidia.com/gpu", count=2)
+        assert len(node.kubelet.registrations) > before
+        assert not (short_tmp / "plugins_registry" / f"{DRIVER}-reg.sock").exists()
+        log = node.gpud.log()
+        restart = log.rindex("removed stale DRA socket")
+        assert restart < log.index("registered with kubelet", restart)
+        assert status(node)["allocation_mode"] == "device-plugin"
+    finally:
+        kubelet.stop()
+
+
+def status(node: MigNode) -> dict[str, Any]:
+    out = node.gpudctl("status", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))

@@ -59,6 +59,8 @@ def status_dict(st: gpud_pb2.Status) -> dict[str, Any]:
             for p in st.plugins
         ],
         "publishers": [publisher_dict(p) for p in st.publishers],
+        "allocation_mode": st.allocation_mode,
+        "dra_driver": st.dra_driver,
     }
 
 
@@ -137,6 +139,10 @@ def status_table(st: dict[str, Any]) -> str:
                     for p in st["plugins"]
                 ],
             )
+        )
+    elif st["allocation_mode"] == "dra":
+        lines.append(
+            f"allocation: DRA, driver {st['dra_driver']} (no device plugins; see the dra publisher)"
         )
     else:
         lines.append("no device plugins running")

@@ -22,6 +22,7 @@ import grpc
 
 from gpud._proto.gpud.v1 import gpud_pb2, gpud_pb2_grpc
 from gpud.config.load import ConfigError
+from gpud.config.models import AllocationMode
 from gpud.daemon.devices_view import DeviceReadingsMixin
 from gpud.daemon.gateway import Gateway, peer_uid
 from gpud.daemon.simload import SimLoadServicerMixin
@@ -142,6 +143,12 @@ def status_message(
         uptime_s=now - state.started,
         resource_error=state.resource_error,
         publishers=[publisher_message(p) for p in publishers],
+        allocation_mode=state.config.allocation.mode.value,
+        dra_driver=(
+            state.config.dra.driver_name
+            if state.config.allocation.mode is AllocationMode.DRA
+            else ""
+        ),
     )
 
 

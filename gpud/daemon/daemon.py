@@ -746,6 +746,8 @@ class Daemon:
             ("paths.stateDir", old.config.paths.state_dir, fresh.config.paths.state_dir),
             ("paths.socket", old.config.paths.socket, fresh.config.paths.socket),
             ("kubelet directory", old.kubelet_dir, fresh.kubelet_dir),
+            ("allocation.mode", old.config.allocation.mode, fresh.config.allocation.mode),
+            ("dra", old.config.dra, fresh.config.dra),
         ):
             if before != after:
                 log.warning(
@@ -758,6 +760,9 @@ class Daemon:
                     "backend": old.config.backend,
                     "simulate": old.config.simulate,
                     "paths": old.config.paths,
+                    # The kubelet API is chosen at start: one API per node, switched cleanly.
+                    "allocation": old.config.allocation,
+                    "dra": old.config.dra,
                 }
             ),
             kubelet_dir=old.kubelet_dir,

@@ -76,7 +76,10 @@ class LinkOff(Exception):
 
 def registration_pending(state: NodeState) -> bool:
     """Whether kubelet is still being handed a resource: a resource with no plugin status yet,
-    or one whose registration is in flight. A plugin that failed (no kubelet) is not pending."""
+    or one whose registration is in flight. A plugin that failed (no kubelet) is not pending.
+    In DRA mode no device plugin runs, so nothing is pending."""
+    if state.config.allocation.mode is AllocationMode.DRA:
+        return False
     settled = {p.resource for p in state.plugins if p.registered or (p.error and not p.registering)}
     return any(rs.resource not in settled for rs in state.resources)
 

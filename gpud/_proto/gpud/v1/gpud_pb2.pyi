@@ -73,7 +73,7 @@ class Publisher(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., since_unix: _Optional[float] = ..., error: _Optional[str] = ..., failures: _Optional[int] = ..., retry_at_unix: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("version", "backend", "driver_version", "cuda_version", "backend_error", "kubelet_dir", "kubelet_connected", "gpus", "plugins", "config_file", "uptime_s", "resource_error", "publishers")
+    __slots__ = ("version", "backend", "driver_version", "cuda_version", "backend_error", "kubelet_dir", "kubelet_connected", "gpus", "plugins", "config_file", "uptime_s", "resource_error", "publishers", "allocation_mode", "dra_driver")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DRIVER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,8 @@ class Status(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_ERROR_FIELD_NUMBER: _ClassVar[int]
     PUBLISHERS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_MODE_FIELD_NUMBER: _ClassVar[int]
+    DRA_DRIVER_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     driver_version: str
@@ -100,7 +102,9 @@ class Status(_message.Message):
     uptime_s: float
     resource_error: str
     publishers: _containers.RepeatedCompositeFieldContainer[Publisher]
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., backend_error: _Optional[str] = ..., kubelet_dir: _Optional[str] = ..., kubelet_connected: _Optional[bool] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., plugins: _Optional[_Iterable[_Union[Plugin, _Mapping]]] = ..., config_file: _Optional[str] = ..., uptime_s: _Optional[float] = ..., resource_error: _Optional[str] = ..., publishers: _Optional[_Iterable[_Union[Publisher, _Mapping]]] = ...) -> None: ...
+    allocation_mode: str
+    dra_driver: str
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., backend_error: _Optional[str] = ..., kubelet_dir: _Optional[str] = ..., kubelet_connected: _Optional[bool] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., plugins: _Optional[_Iterable[_Union[Plugin, _Mapping]]] = ..., config_file: _Optional[str] = ..., uptime_s: _Optional[float] = ..., resource_error: _Optional[str] = ..., publishers: _Optional[_Iterable[_Union[Publisher, _Mapping]]] = ..., allocation_mode: _Optional[str] = ..., dra_driver: _Optional[str] = ...) -> None: ...
 
 class SetDeviceHealthyRequest(_message.Message):
     __slots__ = ("uuid",)
