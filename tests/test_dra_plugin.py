@@ -20,6 +20,7 @@ from tests.support.drakubelet import Claim, FakeDraKubelet, wait_for
 from tests.support.mignode import MigNode, start, stopped_after
 
 DRIVER = "gpu.nvidia.com"
+HEALTHY, UNHEALTHY = 1, 2
 
 
 def dra_config(root: Path, extra: str = "") -> str:
@@ -52,8 +53,12 @@ def test_registers_with_kubelet_and_again_after_kubelet_restarts_or_loses_a_sock
         dra_sock = short_tmp / "plugins" / DRIVER / "dra.sock"
         assert first.socket == str(short_tmp / "plugins_registry" / f"{DRIVER}-reg.sock")
         assert first.endpoint == str(dra_sock)
-        # v1 first: a 1.34+ kubelet takes it; a 1.32/1.33 one finds v1beta1.
-        assert first.versions == ("v1.DRAPlugin", "v1beta1.DRAPlugin")
+        # v1 first: a 1.34+ kubelet takes it; a 1.32/1.33 one finds v1beta1. Health is optional.
+        assert first.versions == (
+            "v1.DRAPlugin",
+            "v1beta1.DRAPlugin",
+            "v1alpha1.DRAResourceHealth",
+        )
         assert first.chosen == "v1.DRAPlugin"
         wait_for(
             lambda: "registered with kubelet" in (publisher(node, "dra") or {}).get("detail", ""),
@@ -153,3 +158,28 @@ def status(node: MigNode) -> dict[str, Any]:
     out = node.gpudctl("status", "-o", "json")
     assert out.returncode == 0, out.stderr
     return dict(json.loads(out.stdout))
+
+
+def test_an_xid_on_a_gpu_reaches_kubelets_health_stream_as_unhealthy(
+    short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    kubelet = FakeDraKubelet(short_tmp).start()
+    try:
+        node = start(short_tmp, "dgx-a100", dra_config(short_tmp))
+        nodes.append(node)
+        found = kubelet.wait_registered(DRIVER)
+        assert found.versions[-1] == "v1alpha1.DRAResourceHealth"
+        stream = kubelet.watch_health(DRIVER)
+        first = next(stream)
+        # The complete list, every GPU healthy.
+        assert first == {f"gpu-{i}": (HEALTHY, "") for i in range(8)}
+        out = node.gpudctl("debug", "inject-xid", "--gpu", "3", "--xid", "79")
+        assert out.returncode == 0, out.stderr
+        second = next(stream)
+        assert second["gpu-3"][0] == UNHEALTHY and "79" in second["gpu-3"][1]
+        assert {k: v for k, v in second.items() if k != "gpu-3"} == {
+            f"gpu-{i}": (HEALTHY, "") for i in range(8) if i != 3
+        }
+        stream.close()
+    finally:
+        kubelet.stop()

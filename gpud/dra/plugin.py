@@ -29,10 +29,12 @@ import grpc
 
 from gpud._proto.dra.v1 import api_pb2_grpc as v1_grpc
 from gpud._proto.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
+from gpud._proto.drahealth.v1alpha1 import api_pb2_grpc as health_grpc
 from gpud._proto.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from gpud.deviceplugin.watcher import KubeletDirWatcher
 from gpud.dra import switch
 from gpud.dra.checkpoint import FILE_NAME, Checkpoint
+from gpud.dra.health import HealthServicer, device_health
 from gpud.dra.registration import RegistrationServicer, plugin_info
 from gpud.dra.service import DraPluginV1, DraPluginV1beta1, DraService
 from gpud.kube import access as kube_access
@@ -102,6 +104,7 @@ class DraPublisher:
         self._sync_lock = asyncio.Lock()
         self._client: KubeClient | None = None
         self._access: kube_access.Access | None = None
+        self._health = HealthServicer()
 
     @property
     def registry_dir(self) -> Path:
@@ -140,8 +143,10 @@ class DraPublisher:
         def add_dra(server: grpc.aio.Server) -> None:
             v1_grpc.add_DRAPluginServicer_to_server(DraPluginV1(service), server)
             v1beta1_grpc.add_DRAPluginServicer_to_server(DraPluginV1beta1(service), server)
+            health_grpc.add_DRAResourceHealthServicer_to_server(self._health, server)
 
-        info = plugin_info(driver, str(dra_sock), health=False)
+        await self._health.publish(self._pool(), device_health(state))
+        info = plugin_info(driver, str(dra_sock), health=True)
         registration = RegistrationServicer(info, self._notified)
         self._dra = _Endpoint(dra_sock, add_dra)
         self._reg = _Endpoint(
@@ -163,9 +168,11 @@ class DraPublisher:
         await self._sync()
 
     async def publish(self, update: Update) -> None:
-        """Prepare reads the latest snapshot itself; nothing is pushed to kubelet here yet."""
+        """Device health to kubelet's streams (Prepare reads the latest snapshot itself)."""
+        await self._health.publish(self._pool(), device_health(update.state))
 
     async def stop(self) -> None:
+        await self._health.close()
         for task in self._watching:
             task.cancel()
         await asyncio.gather(*self._watching, return_exceptions=True)

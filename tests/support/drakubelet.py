@@ -12,9 +12,10 @@ v1alpha1 health stream. ``restart`` forgets everything, as a kubelet restart doe
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from gpud._proto.dra.v1 import api_pb2 as v1
 from gpud._proto.dra.v1 import api_pb2_grpc as v1_grpc
 from gpud._proto.dra.v1beta1 import api_pb2 as v1beta1
 from gpud._proto.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
+from gpud._proto.drahealth.v1alpha1 import api_pb2 as health
+from gpud._proto.drahealth.v1alpha1 import api_pb2_grpc as health_grpc
 from gpud._proto.pluginregistration.v1 import api_pb2 as reg
 from gpud._proto.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 
@@ -62,7 +65,7 @@ class FakeDraKubelet:
         self.rejections: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._task: asyncio.Future[None] | None = None
+        self._task: concurrent.futures.Future[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> FakeDraKubelet:
@@ -81,7 +84,8 @@ class FakeDraKubelet:
         if self._loop is None:
             return
         assert self._task is not None and self._thread is not None
-        self._loop.call_soon_threadsafe(self._task.cancel)
+        self._task.cancel()  # thread-safe: cancels the watch in its loop
+        concurrent.futures.wait([self._task], timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop = None
@@ -156,6 +160,23 @@ class FakeDraKubelet:
         reply = stub.NodeUnprepareResources(request, timeout=PREPARE_TIMEOUT_S)
         self._check_uids(claims, reply.claims)
         return {uid: r.error for uid, r in reply.claims.items()}
+
+    def watch_health(self, driver: str) -> Iterator[dict[str, tuple[int, str]]]:
+        """The v1alpha1 health stream as kubelet opens it: each message as
+        {device name: (health, message)}, the pool checked to be one per message."""
+        found = self.registered(driver)
+        if found is None or "v1alpha1.DRAResourceHealth" not in found.versions:
+            raise AssertionError(f"{driver} does not advertise the health service: {found}")
+        channel = grpc.insecure_channel(f"unix:{found.endpoint}")
+        stream = health_grpc.DRAResourceHealthStub(channel).NodeWatchResources(
+            health.NodeWatchResourcesRequest()
+        )
+        try:
+            for message in stream:
+                yield {d.device.device_name: (d.health, d.message) for d in message.devices}
+        finally:
+            stream.cancel()
+            channel.close()
 
     @staticmethod
     def _check_uids(claims: tuple[Claim, ...], answered: Any) -> None:
