@@ -68,7 +68,6 @@ class Cluster:
             capture_output=True,
             text=True,
             timeout=30,
-            input=stdin,
         )
         if out.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)}: {out.stderr}")
