@@ -332,9 +332,6 @@ class Dra(_Strict):
     # The DRA driver name in ResourceSlices and DeviceClasses; NVIDIA's by default, so claims
     # and DeviceClasses written for NVIDIA's driver select gpud's devices unchanged.
     driver_name: str = "gpu.nvidia.com"
-    # Publish MIG-capable GPUs as partitionable devices and create the allocated MIG instance at
-    # Prepare (destroyed at Unprepare).
-    dynamic_mig: bool = False
     # Where Prepare writes each claim's CDI spec; the container runtime must read this directory
     # (containerd and CRI-O read /etc/cdi and /var/run/cdi by default).
     cdi_dir: Path = Path("/var/run/cdi")

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gpud._proto.drahealth.v1alpha1 import api_pb2, api_pb2_grpc
+from gpud.dra.devices import dra_devices
 from gpud.node.state import NodeState
 
 RESEND_S = 60.0
@@ -30,24 +31,16 @@ Health = tuple[tuple[str, bool, str], ...]
 
 
 def device_health(state: NodeState) -> Health:
-    """Every device of this driver: ``gpu-<minor>`` for each GPU, and each MIG device of a
-    GPU's current layout as NVIDIA names it, with the effective health gpud holds."""
+    """Every device this driver publishes now (:func:`gpud.dra.devices.dra_devices`: the same
+    names as the ResourceSlices) with the effective health gpud holds for it."""
     out = []
-    for gpu in state.gpus:
-        whole = next((d for d in state.devices if d.uuid == gpu.uuid), None)
-        healthy = whole.healthy if whole is not None else not gpu.lost
-        reason = whole.reason if whole is not None else ("GPU lost" if gpu.lost else "")
-        out.append((f"gpu-{gpu.minor_number}", healthy and not gpu.lost, reason))
-        layout = state.mig_layout(gpu.index)
-        for instance in layout.instances if layout is not None else ():
-            name = (
-                f"gpu-{gpu.minor_number}-mig-{instance.profile.replace('.', '')}-"
-                f"{instance.profile_id}-{instance.placement.start}"
-            )
-            mig = [d for d in state.devices if d.gpu_uuid == gpu.uuid and d.gi_id == instance.gi_id]
-            mig_ok = all(d.healthy for d in mig) and healthy and not gpu.lost
-            why = next((d.reason for d in mig if not d.healthy), reason)
-            out.append((name, mig_ok, why))
+    for published in dra_devices(state, ""):
+        device = state.device(published.uuid)
+        gpu = state.gpu(published.uuid)
+        lost = gpu is not None and gpu.lost
+        healthy = device is not None and device.healthy and not lost
+        reason = device.reason if device is not None else ""
+        out.append((published.name, healthy, reason or ("GPU lost" if lost else "")))
     return tuple(out)
 
 

@@ -9,16 +9,13 @@ device this node does not have: each as that claim's error, so the pod's events 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gpud.dra.cdi import DeviceEdits
+from gpud.dra.devices import dra_devices
 from gpud.node.state import NodeState
-
-_GPU = re.compile(r"gpu-(\d+)")
-_MIG = re.compile(r"gpu-(\d+)-mig-([0-9a-z]+)-(\d+)-(\d+)")
 
 
 class ClaimError(Exception):
@@ -69,26 +66,18 @@ def allocated(claim: Mapping[str, Any], uid: str, driver: str, pool: str) -> tup
 
 
 def device_edits(state: NodeState, name: str) -> DeviceEdits:
-    """The device nodes of the device published as ``name``: ``gpu-<minor>`` for a whole GPU,
-    ``gpu-<minor>-mig-<profile>-<profileID>-<start>`` for a MIG device that exists now."""
-    whole = _GPU.fullmatch(name)
-    mig = _MIG.fullmatch(name)
-    minor = int((whole or mig).group(1)) if whole or mig else -1
-    gpu = next((g for g in state.gpus if g.minor_number == minor), None)
-    if gpu is None:
-        raise ClaimError(f"this node has no device {name}")
+    """The device nodes of the device published as ``name``, found among the devices
+    :func:`gpud.dra.devices.dra_devices` publishes now (one naming for slices, Prepare and
+    health): its GPU's ``/dev/nvidiaN``."""
+    device = next((d for d in dra_devices(state, "") if d.name == name), None)
+    if device is None:
+        raise ClaimError(
+            f"this node publishes no device {name} now (a MIG layout changed since the claim "
+            "was allocated, or the GPU is gone)"
+        )
+    gpu = next(g for g in state.gpus if g.uuid == device.gpu_uuid)
     if gpu.lost:
         raise ClaimError(f"{name} ({gpu.uuid}) fell off the bus: the GPU needs a reset")
-    if mig is not None:
-        layout = state.mig_layout(gpu.index)
-        found = layout is not None and any(
-            i.profile.replace(".", "") == mig.group(2)
-            and i.profile_id == int(mig.group(3))
-            and i.placement.start == int(mig.group(4))
-            for i in layout.instances
-        )
-        if not found:
-            raise ClaimError(f"this node has no MIG device {name} on GPU {gpu.index} now")
     return DeviceEdits(name, (gpu.device_path,))
 
 
