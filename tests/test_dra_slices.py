@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from gpud.dra.devices import dra_devices
 from gpud.dra.slices import plan, slice_specs
 from gpud.hw.sim.backend import SimBackend
 from gpud.hw.sim.machines import MACHINES, MODELS
+from tests.support.drakubelet import Claim, FakeDraKubelet
 from tests.support.kubekit import Cluster, cluster
 from tests.support.mignode import MigNode, start, stopped_after
 from tests.support.snapshot import snapshot
@@ -309,6 +311,37 @@ def test_a_mig_apply_is_published_at_once_with_a_new_generation(
     result = scheduled(kube, ns, claim_pod(kube, ns, device_class="mig.nvidia.com"))
     assert result["device"] in names
     assert "DRA: 56 devices in 1 ResourceSlice" in link(node)
+
+
+def test_a_mig_device_the_scheduler_picked_from_gpuds_slices_is_prepared_end_to_end(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    """The whole path on one node: gpud's own slices after a MIG apply, the real scheduler's
+    allocation of one MIG device, and kubelet's Prepare of that claim naming the same device
+    (one naming for slices and Prepare) with a CDI spec for its GPU."""
+    cdi = short_tmp / "cdi"
+    with FakeDraKubelet(short_tmp) as kubelet:
+        node = started(kube, short_tmp, extra=f"dra:\n  cdiDir: {cdi}\n")
+        nodes.append(node)
+        kubelet.wait_registered(DRIVER)
+        assert node.mig("apply", "-c", "all-1g.5gb")[0] == 0
+        wait_slices(kube, lambda s: len(devices(s)) == 56, "56 MIG devices")
+        ns = namespace(kube)
+        result = scheduled(kube, ns, claim_pod(kube, ns, device_class="mig.nvidia.com"))
+        device = result["device"]
+        minor = int(device.split("-")[1])
+        found = json.loads(kube.kubectl("get", "resourceclaims", "-n", ns, "-o", "json"))
+        meta = found["items"][0]["metadata"]
+        claim = Claim(ns, meta["name"], meta["uid"])
+        answer = kubelet.prepare(DRIVER, claim)[claim.uid]
+        assert answer["error"] == "", answer
+        (prepared,) = answer["devices"]
+        assert prepared["device"] == device
+        spec = yaml.safe_load((cdi / f"k8s.gpu.nvidia.com-claim_{claim.uid}.yaml").read_text())
+        (entry,) = spec["devices"]
+        assert entry["containerEdits"]["deviceNodes"] == [{"path": f"/dev/nvidia{minor}"}]
+        assert kubelet.unprepare(DRIVER, claim) == {claim.uid: ""}
+        assert list(cdi.iterdir()) == []
 
 
 def test_wiped_slices_come_back_an_xid_taints_and_the_api_server_restart_is_survived(
