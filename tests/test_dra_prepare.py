@@ -10,8 +10,6 @@ node, and the kubelet stand-in sends the calls over the real DRA socket.
 from __future__ import annotations
 
 import json
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import yaml
 
 from tests.support.draclaims import allocated_device, claimed_pod, device_class, node_slice
 from tests.support.drakubelet import Claim, FakeDraKubelet
-from tests.support.kubekit import Cluster, cluster
+from tests.support.kubekit import Cluster, running
 from tests.support.mignode import MigNode, start, stopped_after
 
 DRIVER = "gpu.nvidia.com"
@@ -31,9 +29,7 @@ OTHER = "nic.example.com"
 
 @pytest.fixture(scope="module")
 def kube() -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="gpud-kube-"))
-    found = cluster(root, with_parts="scheduler,claims")
-    try:
+    with running("gpud-kube-", with_parts="scheduler,claims") as found:
         node2 = found.add_node("gpu-node-2")
         gpus = [f"gpu-{i}" for i in range(8)]
         for obj, who in (
@@ -45,9 +41,6 @@ def kube() -> Iterator[Cluster]:
         ):
             found.kubectl("create", "-f", "-", kubeconfig=who, stdin=json.dumps(obj))
         yield found
-    finally:
-        found.down()
-        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from itertools import count
@@ -27,7 +26,7 @@ from gpud.dra.slices import plan, slice_specs
 from gpud.hw.sim.backend import SimBackend
 from gpud.hw.sim.machines import MACHINES, MODELS
 from tests.support.drakubelet import Claim, FakeDraKubelet
-from tests.support.kubekit import Cluster, cluster
+from tests.support.kubekit import Cluster, running
 from tests.support.mignode import MigNode, start, stopped_after
 from tests.support.snapshot import snapshot
 
@@ -37,9 +36,7 @@ _names = count()
 
 @pytest.fixture(scope="module")
 def kube() -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="gpud-kube-dra-"))
-    found = cluster(root, with_parts="scheduler,claims")
-    try:
+    with running("gpud-kube-dra-", with_parts="scheduler,claims") as found:
         manifests = subprocess.run(
             [sys.executable, "-m", "gpud.cli.gpudctl", "dra", "manifests"],
             capture_output=True,
@@ -50,9 +47,6 @@ def kube() -> Iterator[Cluster]:
         assert "deviceclass.resource.k8s.io/gpu.nvidia.com created" in applied
         assert "deviceclass.resource.k8s.io/mig.nvidia.com created" in applied
         yield found
-    finally:
-        found.down()
-        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ would. One API server serves the module; the test that stops it runs last.
 from __future__ import annotations
 
 import json
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 
 from gpud._proto.gpud.v1 import gpud_pb2
 from gpud.kube.ratelimit import Limits
-from tests.support.kubekit import Cluster, cluster
+from tests.support.kubekit import Cluster, running
 from tests.support.mignode import MigNode, start, stopped_after
 from tests.support.podresources import pod
 from tests.test_kube_link import config, link
@@ -28,13 +26,8 @@ MIG_1G = "nvidia.com/mig-1g.5gb"
 
 @pytest.fixture(scope="module")
 def kube() -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="gpud-kube-ev-"))
-    found = cluster(root)
-    try:
+    with running("gpud-kube-ev-") as found:
         yield found
-    finally:
-        found.down()
-        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from gpud.config.models import Kubernetes
 from gpud.kube.access import Access, certificate_cn, kubeconfig_identity, resolve
 from gpud.kube.client import explain
 from gpud.kube.restriction import forbidden_to_kubelet, kubelet_allowed
-from tests.support.kubekit import Cluster, cluster
+from tests.support.kubekit import Cluster, running
 from tests.support.mignode import MigNode, start, stopped_after
 
 MIG_1G = "nvidia.com/mig-1g.5gb"
@@ -30,13 +28,8 @@ MIG_1G = "nvidia.com/mig-1g.5gb"
 
 @pytest.fixture(scope="module")
 def kube() -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="gpud-kube-"))
-    found = cluster(root)
-    try:
+    with running("gpud-kube-") as found:
         yield found
-    finally:
-        found.down()
-        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 @pytest.fixture

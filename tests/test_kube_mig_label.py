@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.kubekit import Cluster, cluster
+from tests.support.kubekit import Cluster, running
 from tests.support.mignode import MigNode, start, stopped_after
 from tests.support.podresources import pod
 
@@ -30,13 +29,8 @@ STATE = "nvidia.com/mig.config.state"
 
 @pytest.fixture(scope="module")
 def kube() -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="gpud-kube-mig-"))
-    found = cluster(root)
-    try:
+    with running("gpud-kube-mig-") as found:
         yield found
-    finally:
-        found.down()
-        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 @pytest.fixture
@@ -239,16 +233,25 @@ def test_a_layout_that_does_not_fit_or_does_not_exist_is_failed_and_changes_noth
     node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56)
 
 
-def test_pods_holding_devices_are_waited_for_then_failed_by_name(
-    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
-) -> None:
-    node = started(kube, short_tmp, config(kube, wait_for_pods=2))
+def partitioned_with_a_pod(
+    kube: Cluster, root: Path, nodes: list[MigNode], wait_for_pods: int
+) -> tuple[MigNode, str]:
+    """gpud on the dgx-a100 cut into all-1g.5gb by the label, with the pod ml/train-0 holding
+    one of its MIG devices (as kubelet's PodResources reports it); the node and that device."""
+    node = started(kube, root, config(kube, wait_for_pods=wait_for_pods))
     nodes.append(node)
     assert node.podres is not None
     label(kube, "all-1g.5gb")
     wait_state(kube, "success")
     held = sorted(node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56))[0]
     node.podres.pods = [pod("ml", "train-0", main={MIG_1G: [held]})]
+    return node, held
+
+
+def test_pods_holding_devices_are_waited_for_then_failed_by_name(
+    kube: Cluster, short_tmp: Path, nodes: list[MigNode]
+) -> None:
+    node, held = partitioned_with_a_pod(kube, short_tmp, nodes, wait_for_pods=2)
 
     started_at = time.monotonic()
     label(kube, "all-disabled")
@@ -268,13 +271,7 @@ def test_pods_holding_devices_are_waited_for_then_failed_by_name(
 def test_pods_that_leave_while_waited_for_let_the_layout_through(
     kube: Cluster, short_tmp: Path, nodes: list[MigNode]
 ) -> None:
-    node = started(kube, short_tmp, config(kube, wait_for_pods=120))
-    nodes.append(node)
-    assert node.podres is not None
-    label(kube, "all-1g.5gb")
-    wait_state(kube, "success")
-    held = sorted(node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56))[0]
-    node.podres.pods = [pod("ml", "train-0", main={MIG_1G: [held]})]
+    node, _ = partitioned_with_a_pod(kube, short_tmp, nodes, wait_for_pods=120)
 
     history = StateHistory(kube)
     label(kube, "all-disabled")
@@ -290,13 +287,7 @@ def test_pods_that_leave_while_waited_for_let_the_layout_through(
 def test_a_new_value_while_pods_are_waited_for_replaces_the_old_one(
     kube: Cluster, short_tmp: Path, nodes: list[MigNode]
 ) -> None:
-    node = started(kube, short_tmp, config(kube, wait_for_pods=300))
-    nodes.append(node)
-    assert node.podres is not None
-    label(kube, "all-1g.5gb")
-    wait_state(kube, "success")
-    held = sorted(node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56))[0]
-    node.podres.pods = [pod("ml", "train-0", main={MIG_1G: [held]})]
+    node, _ = partitioned_with_a_pod(kube, short_tmp, nodes, wait_for_pods=300)
     label(kube, "all-disabled")
     node.gpud.wait_log("waits up to")
     # The operator changes their mind: back to the layout the GPUs hold, at once.
@@ -311,13 +302,7 @@ def test_the_api_server_restarting_mid_change_the_change_completes_once(
     """The apply waits for a pod; the API server goes away; the pod leaves and the apply runs
     with nobody to tell; the API server returns and the state label ends right, without a
     second apply."""
-    node = started(kube, short_tmp, config(kube, wait_for_pods=300))
-    nodes.append(node)
-    assert node.podres is not None
-    label(kube, "all-1g.5gb")
-    wait_state(kube, "success")
-    held = sorted(node.kubelet.wait_devices(MIG_1G, lambda d: len(d) == 56))[0]
-    node.podres.pods = [pod("ml", "train-0", main={MIG_1G: [held]})]
+    node, _ = partitioned_with_a_pod(kube, short_tmp, nodes, wait_for_pods=300)
     label(kube, "all-2g.10gb")
     node.gpud.wait_log("waits up to")
     kube.down()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpud.hw.types import GpuInfo, MigMode
+from gpud.labels.gfd import family
 from gpud.node.state import DeviceState, MigInstance, MigLayout, NodeState
 
 # The standard attribute domain for what every kind of device has (KEP-4381's registry).
@@ -40,16 +41,6 @@ NO_SCHEDULE = "NoSchedule"
 _SEMVER_CORE = re.compile(r"v?(\d+)(?:\.(\d+))?(?:\.(\d+))?((?:\.\d+)*)")
 _NOT_IN_LABEL = re.compile(r"[^a-z0-9-]")
 _CRITICAL_XID = re.compile(r"critical XID (\d+)")
-
-# Compute capability -> NVIDIA's architecture name (minor splits 7 and 8).
-_ARCHITECTURES = {
-    3: "Kepler",
-    5: "Maxwell",
-    6: "Pascal",
-    9: "Hopper",
-    10: "Blackwell",
-    12: "Blackwell",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +99,10 @@ def semver(text: str) -> str | None:
 
 
 def architecture(capability: tuple[int, int]) -> str:
-    major, minor = capability
-    if major == 7:
-        return "Volta" if minor < 5 else "Turing"
-    if major == 8:
-        return "Ampere" if minor < 9 else "Ada Lovelace"
-    return _ARCHITECTURES.get(major, "")
+    """NVIDIA's architecture name for a compute capability (``Ada Lovelace``): GFD's family
+    (:func:`gpud.labels.gfd.family`) as a name; "" for one neither knows."""
+    name = family(*capability)
+    return "" if name == "undefined" else name.replace("-", " ").title()
 
 
 def binary_quantity(mib: int) -> str:

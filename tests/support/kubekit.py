@@ -4,12 +4,14 @@ kubelet's kubeconfig). See shared/tools/kube/README.md."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +126,18 @@ def cluster(root: Path, apiserver_args: str = "", with_parts: str = "") -> Clust
     found = Cluster(root, apiserver_args, with_parts)
     found.up()
     return found
+
+
+@contextlib.contextmanager
+def running(prefix: str, apiserver_args: str = "", with_parts: str = "") -> Iterator[Cluster]:
+    """A started cluster in a fresh directory (``prefix``), stopped and removed afterwards: what
+    a test module's ``kube`` fixture yields."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        found = cluster(root, apiserver_args, with_parts)
+        try:
+            yield found
+        finally:
+            found.down()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
