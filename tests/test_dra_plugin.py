@@ -146,9 +146,14 @@ def test_a_restart_in_the_other_mode_withdraws_the_old_api_before_the_new_one_re
         node.kubelet.wait_registered("nvidia.com/gpu", count=2)
         assert len(node.kubelet.registrations) > before
         assert not (short_tmp / "plugins_registry" / f"{DRIVER}-reg.sock").exists()
-        log = node.gpud.log()
-        restart = log.rindex("removed stale DRA socket")
-        assert restart < log.index("registered with kubelet", restart)
+
+        # kubelet's stand-in has the registration; gpud's log line for it may come a moment
+        # later. The stale DRA socket was removed before it, in this run's part of the log.
+        def since_restart() -> str:
+            log = node.gpud.log()
+            return log[log.rindex("removed stale DRA socket") :]
+
+        wait_for(lambda: "registered with kubelet" in since_restart(), 10, since_restart)
         assert status(node)["allocation_mode"] == "device-plugin"
     finally:
         kubelet.stop()
