@@ -223,17 +223,28 @@ class KubeClient:
         reads the Node again and watches from there."""
         from lightkube.resources.core_v1 import Node
 
+        async for kind, node in self._watch(
+            Node, {"metadata.name": self.access.node_name}, resource_version
+        ):
+            yield kind, NodeView.of(node)
+
+    async def _watch(
+        self, kind: Any, fields: Mapping[str, str], resource_version: str
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """The one watch loop of gpud's watches: renewed by the server every
+        :data:`WATCH_SERVER_TIMEOUT_S`, broken (:class:`KubeError`) by an error or by
+        :data:`WATCH_SILENCE_S` of silence."""
         client = await self._ready()
         stream = client.watch(
-            Node,
-            fields={"metadata.name": self.access.node_name},
+            kind,
+            fields=dict(fields),
             resource_version=resource_version,
             server_timeout=WATCH_SERVER_TIMEOUT_S,
         ).__aiter__()
         try:
             while True:
-                kind, node = await self._call(asyncio.wait_for(anext(stream), WATCH_SILENCE_S))
-                yield str(kind), NodeView.of(node)
+                event, obj = await self._call(asyncio.wait_for(anext(stream), WATCH_SILENCE_S))
+                yield str(event), obj
         finally:
             # A cancelled read (gpud stopping) may leave the stream mid-step; closing it then
             # raises RuntimeError, and the response was closed by the cancellation already.
@@ -361,21 +372,11 @@ class KubeClient:
         :meth:`watch_node` does."""
         from lightkube.resources.resource_v1 import ResourceSlice
 
-        client = await self._ready()
-        stream = client.watch(
-            ResourceSlice,
-            fields=self._slice_fields(driver),
-            resource_version=resource_version,
-            server_timeout=WATCH_SERVER_TIMEOUT_S,
-        ).__aiter__()
-        try:
-            while True:
-                kind, obj = await self._call(asyncio.wait_for(anext(stream), WATCH_SILENCE_S))
-                meta = obj.metadata
-                yield str(kind), str(meta.name), str(meta.resourceVersion or "")
-        finally:
-            with contextlib.suppress(RuntimeError):
-                await stream.aclose()
+        async for kind, obj in self._watch(
+            ResourceSlice, self._slice_fields(driver), resource_version
+        ):
+            meta = obj.metadata
+            yield kind, str(meta.name), str(meta.resourceVersion or "")
 
     async def resource_claim(self, namespace: str, name: str) -> dict[str, Any]:
         """A ResourceClaim (resource.k8s.io/v1) as a dict. A node identity may get the claims
